@@ -1,0 +1,307 @@
+"""Assemble and run the gRPC server.
+
+``create_server(address, ledger, policies) -> (server, port)`` builds a server bound to
+``address`` (``127.0.0.1:0`` picks a free port) and is what tests use; ``serve()`` adds the
+process concerns: configuration, logging, signals and a graceful drain.
+"""
+from __future__ import annotations
+
+import argparse
+import atexit
+import collections
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from engine.loader import BUNDLED, PolicyStore, store
+from reimburse.v1 import policy_pb2, policy_pb2_grpc, registry_pb2, registry_pb2_grpc
+from reimburse.v1 import settlement_pb2
+from server.auth import (
+    Gatekeeper, InsecureRefused, Security, add_server_args, security_from_args,
+)
+from server.ledger.base import Ledger, open_ledger
+from server.service import Core, PolicyServicer, RegistryServicer, SettlementServicer
+from server.batch import batch_handlers
+from server.wire import add_echo_service, add_settlement_service
+
+log = logging.getLogger("reimburse.server")
+
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024   # 10,000 line items fit in well under 1 MiB
+SERVICES = (
+    settlement_pb2.DESCRIPTOR.services_by_name["SettlementService"].full_name,
+    registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
+    policy_pb2.DESCRIPTOR.services_by_name["PolicyService"].full_name,
+)
+
+
+def create_server(address: str, ledger: Ledger, policies: PolicyStore, *, workers: int = 16,
+                  impl: str | None = None, health_servicer: health.HealthServicer | None = None,
+                  max_message_bytes: int = MAX_MESSAGE_BYTES,
+                  security: Security | None = None, bench_echo: bool = False,
+                  reuse_port: bool = False) -> tuple[grpc.Server, int]:
+    """A server (not started) with our services, health and reflection, bound to ``address``.
+
+    ``security`` (``server.auth.Security``): TLS credentials and the authentication of callers;
+    None is plaintext without authentication (tests; ``python -m server`` only with --insecure).
+    ``bench_echo`` adds the load harness's bare echo RPC (``server.wire``); ``reuse_port`` lets
+    several worker processes share the port (``python -m server --processes N``).
+    """
+    security = security or Security()
+    server = grpc.server(
+        futures.ThreadPoolExecutor(max_workers=workers, thread_name_prefix="rpc"),
+        interceptors=[Gatekeeper(security.auth)],
+        options=[("grpc.max_receive_message_length", max_message_bytes),
+                 ("grpc.max_send_message_length", max_message_bytes),
+                 # one process owns its port unless multi-process serving asks otherwise
+                 ("grpc.so_reuseport", 1 if reuse_port else 0)])
+    core = Core(ledger, policies, impl)
+    settlement = SettlementServicer(core)
+    add_settlement_service(settlement, server, batch_handlers(settlement))
+    if bench_echo:
+        add_echo_service(server)
+    registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(core), server)
+    policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(core), server)
+    hs = health_servicer or health.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(hs, server)
+    for name in ("", *SERVICES):
+        hs.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        (*SERVICES, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME), server)
+    port = (server.add_secure_port(address, security.tls.credentials()) if security.tls
+            else server.add_insecure_port(address))
+    if not port:
+        raise OSError(f"cannot listen on {address}")
+    return server, port
+
+
+def open_database(url: str) -> Ledger:
+    """``memory://`` (nothing durable: tests and demos), a SQLite path or a PostgreSQL URL."""
+    if url == "memory://":
+        from server.ledger.memory import MemoryLedger
+        return MemoryLedger()
+    return open_ledger(url)
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line; a dict message is merged into it."""
+
+    _second: tuple[int, str] = (-1, "")   # the last second formatted (one line per call)
+
+    def format(self, record: logging.LogRecord) -> str:
+        sec = int(record.created)
+        if self._second[0] != sec:
+            self._second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
+        out = {"ts": f"{self._second[1]}.{int(record.msecs):03d}Z", "level": record.levelname,
+               "logger": record.name}
+        if isinstance(record.msg, dict):
+            out.update(record.msg)
+        else:
+            out["msg"] = record.getMessage()
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, ensure_ascii=False)
+
+
+def setup_logging(level: str) -> None:
+    # The JSON lines use none of these: not collecting them saves a few µs per call (the
+    # logging HOWTO's "Optimization" list).
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
+    logging._srcfile = None
+    root = logging.getLogger()
+    stop_logging()
+    global _LOG_HANDLER
+    _LOG_HANDLER = BufferedLineHandler(sys.stderr)
+    _LOG_HANDLER.setFormatter(JsonFormatter())
+    root.handlers[:] = [_LOG_HANDLER]
+    root.setLevel(level.upper())
+
+
+class BufferedLineHandler(logging.Handler):
+    """Log lines formatted by the thread that logs, written out by one thread every 20 ms.
+
+    One write to stderr per line, under the handler's lock, made the threads serving calls
+    queue behind each other (the GIL is let go during the write and the lock is not): about
+    half of a PreSettle's cost with 16 threads (docs/performance.md). Here a line costs its
+    formatting and a list append; lines reach stderr at most ``interval`` later, and
+    ``stop_logging`` (at exit, in workers before they exit) writes out what is left."""
+
+    def __init__(self, stream, interval: float = 0.02):
+        super().__init__()
+        self.stream, self.interval = stream, interval
+        self._lines: collections.deque[str] = collections.deque()
+        self._stop = threading.Event()
+        self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
+        self._writer.start()
+
+    def handle(self, record: logging.LogRecord) -> bool:
+        # no handler lock: deque.append and popleft are atomic, and format touches no shared
+        # state. (Swapping a list for an empty one could lose a line: one appended to the old
+        # list after the writer had joined it.)
+        if self.filter(record):
+            try:
+                self._lines.append(self.format(record) + "\n")
+            except Exception:  # noqa: BLE001 — logging must never fail a call
+                self.handleError(record)
+            return True
+        return False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.handle(record)
+
+    def flush(self) -> None:
+        pending, lines = self._lines, []
+        while pending:
+            try:
+                lines.append(pending.popleft())
+            except IndexError:   # another flush took the last one
+                break
+        if lines:
+            try:
+                self.stream.write("".join(lines))
+                self.stream.flush()
+            except (OSError, ValueError):
+                pass
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.flush()
+        self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._writer.is_alive() and threading.current_thread() is not self._writer:
+            self._writer.join(5)
+        self.flush()
+        super().close()
+
+
+_LOG_HANDLER: BufferedLineHandler | None = None
+
+
+def stop_logging() -> None:
+    """Write out every buffered log line and stop the writer thread (at exit, in workers)."""
+    global _LOG_HANDLER
+    if _LOG_HANDLER is not None:
+        handler, _LOG_HANDLER = _LOG_HANDLER, None
+        handler.close()
+
+
+atexit.register(stop_logging)
+
+
+def _env(name: str, default: str) -> str:
+    return os.environ.get(f"REIMBURSE_{name}", default)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(
+        prog="python -m server",
+        description="Run the settlement service. Every option can also be set by the "
+                    "environment variable named in its help.")
+    ap.add_argument("--listen", default=_env("LISTEN", "127.0.0.1:50051"),
+                    help="HOST:PORT to listen on ($REIMBURSE_LISTEN; default %(default)s)")
+    ap.add_argument("--database", default=_env("DATABASE", "reimburse.db"),
+                    help="SQLite file path, postgresql:// URL or memory:// "
+                         "($REIMBURSE_DATABASE; default %(default)s)")
+    ap.add_argument("--policies", default=_env("POLICIES", str(BUNDLED)),
+                    help="policy folder <region>/<effective>.yaml ($REIMBURSE_POLICIES; "
+                         "default: the bundled policies)")
+    ap.add_argument("--workers", type=int, default=int(_env("WORKERS", "16")),
+                    help="worker threads ($REIMBURSE_WORKERS; default %(default)s)")
+    ap.add_argument("--grace", type=float, default=float(_env("GRACE_SECONDS", "10")),
+                    help="seconds in-flight calls get to finish on SIGTERM "
+                         "($REIMBURSE_GRACE_SECONDS; default %(default)s)")
+    ap.add_argument("--engine", default=_env("ENGINE", "auto"),
+                    choices=("auto", "reference", "kernel"),
+                    help="evaluator ($REIMBURSE_ENGINE; default %(default)s)")
+    ap.add_argument("--log-level", default=_env("LOG_LEVEL", "INFO"),
+                    help="DEBUG, INFO, WARNING… ($REIMBURSE_LOG_LEVEL; default %(default)s)")
+    add_server_args(ap)  # TLS, tokens, client certificates, --insecure (server.auth)
+    ap.add_argument("--processes", type=int, default=int(_env("PROCESSES", "1")),
+                    help="worker processes sharing the port, forked before any server starts "
+                         "($REIMBURSE_PROCESSES; default %(default)s; see server.workers)")
+    ap.add_argument("--bench-echo", action="store_true",
+                    default=_env("BENCH_ECHO", "") not in ("", "0"),
+                    help="also serve the load harness's bare echo RPC "
+                         "($REIMBURSE_BENCH_ECHO=1; benchmarks only)")
+    ap.add_argument("--gil-switch-us", type=int, default=int(_env("GIL_SWITCH_US", "100")),
+                    help="interpreter switch interval in microseconds ($REIMBURSE_GIL_SWITCH_US;"
+                         " default %(default)s; Python's own default is 5000)")
+    ap.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker
+    return ap.parse_args(argv)
+
+
+def serve(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    setup_logging(args.log_level)
+    # Hand the GIL on sooner than the default 5 ms: gRPC's poller thread, waiting for it
+    # while a worker runs Python, otherwise delays every other call (docs/performance.md).
+    sys.setswitchinterval(args.gil_switch_us / 1e6)
+    if args.processes != 1:   # a supervisor: forks the workers, each runs this function
+        from server.workers import supervise
+        return supervise(args, sys.argv[1:] if argv is None else list(argv), serve)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        security = security_from_args(args)
+    except (InsecureRefused, OSError, ValueError) as e:
+        log.error({"event": "cannot start", "error": str(e)})
+        return 2
+    for weakness in security.weaknesses():  # only with --insecure: say so, loudly
+        log.warning({"event": "INSECURE", "warning": f"INSECURE MODE: {weakness}",
+                     "listen": args.listen})
+    try:
+        policies = store(args.policies) if args.policies != str(BUNDLED) else store()
+        ledger = open_database(args.database)
+    except Exception as e:  # a bad policy folder or database: say which, exit 2
+        log.error({"event": "cannot start", "error": f"{type(e).__name__}: {e}"})
+        return 2
+    hs = health.HealthServicer()
+    try:
+        server, port = create_server(args.listen, ledger, policies, workers=args.workers,
+                                     impl=None if args.engine == "auto" else args.engine,
+                                     health_servicer=hs, security=security,
+                                     bench_echo=args.bench_echo, reuse_port=args.reuse_port)
+    except (OSError, RuntimeError) as e:  # grpc reports a port it cannot bind as RuntimeError
+        ledger.close()
+        log.error({"event": "cannot listen", "address": args.listen, "error": str(e)})
+        return 2
+    server.start()
+    host = args.listen.rsplit(":", 1)[0]
+    log.info({"event": "listening", "address": f"{host}:{port}", "port": port,
+              "database": _redact(args.database), "policies": args.policies,
+              "regions": policies.regions(), "workers": args.workers,
+              "tls": "mutual" if security.tls and security.tls.mutual else
+                     "on" if security.tls else "off",
+              "auth": ("off" if security.auth is None else
+                       "+".join(k for k, on in (("tokens", security.auth.tokens is not None),
+                                                ("certificates", security.auth.certificates))
+                                if on))})
+    stop.wait()
+    # Drain: health says NOT_SERVING, new calls are refused, in-flight ones get the grace.
+    log.info({"event": "stopping", "grace_s": args.grace})
+    hs.enter_graceful_shutdown()
+    server.stop(args.grace).wait()
+    ledger.close()
+    log.info({"event": "stopped"})
+    return 0
+
+
+def _redact(url: str) -> str:
+    """A database URL without its password, for the log."""
+    if "://" in url and "@" in url:
+        scheme, rest = url.split("://", 1)
+        cred, host = rest.rsplit("@", 1)
+        return f"{scheme}://{cred.split(':', 1)[0]}:***@{host}"
+    return url

@@ -1,0 +1,555 @@
+"""What the SQLite and PostgreSQL ledgers share: every statement and the contract's logic.
+
+A backend supplies only how to run a unit of work (``_run``: a write transaction, a plain read or
+a read-only snapshot, with its own locking and retries), the member row lock clause and the
+conversion of dates, booleans, JSON and timestamps. Both therefore settle, reverse and verify by
+the very same statements, and the contract tests hold them to the same behaviour.
+
+Settle, in one write transaction (see ``base.Ledger.settle``):
+  1. lock the member row (``SELECT … FOR UPDATE`` on PostgreSQL; SQLite holds the database write
+     lock from ``BEGIN IMMEDIATE``);
+  2. look the (facility, request id) up: a replay returns the stored record (``Conflict`` when
+     the body hash differs) — also done once before the transaction, without any lock, so that
+     replays never queue; read the member-year's accumulators and the balance;
+  3. call ``evaluate``; check its outcome (non-negative integer deltas, account paid within the
+     balance);
+  4. insert the journal row, add the deltas, debit the account with an account movement; commit.
+A concurrent first use of the same request id (for another member: the same member's waits on
+the lock) loses on the UNIQUE constraint; the backend retries the unit of work, whose step 2 then
+finds the winner's row. A retried unit calls ``evaluate`` again, on the fresh state: it must be
+pure (the service's is), and only the last call's outcome is committed.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from datetime import date, datetime, timedelta, timezone
+from typing import Any, Callable, Iterator, Mapping
+
+from engine.model import Accumulators
+from server.ledger.base import (
+    BatchItem, BatchState, Conflict, FacilityRecord, Forbidden, MemberRecord, MemberState, NotFound, Outcome,
+    SettleResult, SettlementRecord, replay_or_conflict, resolve_repeats,
+)
+from server.ledger import schema
+
+MEMBER_COLS = ("member_id, identity, continuous_since, retired, groups_json, maternity_eligible, "
+               "primary_facility, other_facility, benefit_start, benefit_end, district, region, "
+               "account_balance_fen, account_seq")
+FACILITY_COLS = "facility_id, level, designated, district, name"
+SETTLEMENT_COLS = ("settlement_id, facility_id, request_id, request_hash, member_id, year, status, "
+                   "deltas, account_paid_fen, chain_deductible_after_fen, policy_version, result, "
+                   "fund_total_fen, created_at, reversed_at")
+
+Row = tuple
+
+
+@dataclass(frozen=True)
+class Audit:
+    """Everything ``verify`` compares, read in one consistent snapshot (results left out)."""
+
+    members: list[tuple[str, int, int]]                    # member id, balance, account seq
+    accumulators: list[tuple[str, int, str, int, int]]     # member, year, layer, paid, base
+    settlements: list[SettlementRecord]                    # with result=b""
+    movements: list[tuple[str, int, str, int, str | None, int]]
+    # ^ member, seq, kind, amount, settlement id, balance after
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def check_outcome(out: Outcome, balance_fen: int) -> dict[str, tuple[int, int]]:
+    """The outcome's deltas, normalised (sorted, without (0, 0)), or ``ValueError``.
+
+    The ledger refuses to commit what would break its invariants whatever the evaluator did:
+    negative or non-integer deltas, an account payment that is negative or above the balance.
+    """
+    deltas: dict[str, tuple[int, int]] = {}
+    for layer, pair in sorted(dict(out.deltas).items()):
+        if not isinstance(layer, str) or not layer:
+            raise ValueError(f"outcome delta layer id {layer!r} is not a non-empty string")
+        paid, base = pair
+        if not (_is_int(paid) and _is_int(base)) or paid < 0 or base < 0:
+            raise ValueError(f"outcome delta of layer {layer!r} is {pair!r}: need two ints >= 0")
+        if (paid, base) != (0, 0):
+            deltas[layer] = (paid, base)
+    for name in ("account_paid_fen", "chain_deductible_after_fen", "fund_total_fen"):
+        if not _is_int(getattr(out, name)):
+            raise ValueError(f"outcome {name} is not an int: {getattr(out, name)!r}")
+    if out.account_paid_fen < 0:
+        raise ValueError(f"outcome account_paid_fen {out.account_paid_fen} is negative")
+    if out.account_paid_fen > 0 and out.account_paid_fen > balance_fen:
+        raise ValueError(f"outcome pays {out.account_paid_fen} fen from an account holding "
+                         f"{balance_fen}")
+    if not isinstance(out.policy_version, str):
+        raise ValueError(f"outcome policy_version is not a string: {out.policy_version!r}")
+    if not isinstance(out.result, (bytes, bytearray, memoryview)):
+        raise ValueError("outcome result is not bytes")
+    return deltas
+
+
+class SqlLedger:
+    """The contract over a DB-API cursor; subclasses implement the hooks below."""
+
+    dialect: str = ""
+    FOR_UPDATE: str = ""
+
+    # --- hooks ------------------------------------------------------------------------------
+    def _run(self, fn: Callable[[Any], Any], mode: str = "write") -> Any:
+        """Run ``fn(cursor)`` as a write transaction ("write"), autocommit reads ("read") or a
+        read-only consistent snapshot ("snapshot"); retry what the backend knows to be
+        transient. ``fn`` must be safe to run again."""
+        raise NotImplementedError
+
+    def _sql(self, sql: str) -> str:
+        return sql
+
+    def enc_date(self, d: date | None) -> Any: return d
+    def dec_date(self, v: Any) -> date | None: return v
+    def enc_bool(self, b: bool) -> Any: return bool(b)
+    def enc_json(self, obj: Any) -> Any: return json.dumps(obj, sort_keys=True)
+    def dec_json(self, v: Any) -> Any: return v
+    def enc_ts(self, t: datetime | None) -> Any: return t
+    def dec_ts(self, v: Any) -> datetime | None: return v
+
+    # --- plumbing ---------------------------------------------------------------------------
+    def _x(self, cur, sql: str, params: tuple = ()):
+        cur.execute(self._sql(sql), params)
+        return cur
+
+    @staticmethod
+    def _now() -> datetime:
+        return datetime.now(timezone.utc)
+
+    def _migrate(self) -> None:
+        def create(cur):
+            self._x(cur, schema.SCHEMA_VERSION_TABLE)
+            self._x(cur, "INSERT INTO schema_version (id, version) VALUES (1, 0) "
+                         "ON CONFLICT (id) DO NOTHING")
+        self._run(create)
+
+        def step(cur) -> bool:
+            (v,) = self._x(cur, "SELECT version FROM schema_version WHERE id = 1"
+                           + self.FOR_UPDATE).fetchone()
+            if v > schema.VERSION:
+                raise RuntimeError(f"the ledger database has schema version {v}, newer than "
+                                   f"this code's {schema.VERSION}: upgrade the service")
+            if v == schema.VERSION:
+                return True
+            for stmt in schema.statements(self.dialect, v):
+                self._x(cur, stmt)
+            self._x(cur, "UPDATE schema_version SET version = ? WHERE id = 1", (v + 1,))
+            return False
+        while not self._run(step):
+            pass
+
+    def schema_version(self) -> int:
+        return self._run(lambda cur: self._x(
+            cur, "SELECT version FROM schema_version WHERE id = 1").fetchone()[0], "read")
+
+    # --- rows -------------------------------------------------------------------------------
+    def _member(self, r: Row) -> MemberRecord:
+        return MemberRecord(
+            member_id=r[0], identity=r[1], continuous_since=self.dec_date(r[2]),
+            retired=bool(r[3]), groups=frozenset(self.dec_json(r[4])),
+            maternity_eligible=bool(r[5]), primary_facility=r[6], other_facility=r[7],
+            benefit_start=self.dec_date(r[8]), benefit_end=self.dec_date(r[9]),
+            district=r[10], region=r[11], account_balance_fen=int(r[12]))
+
+    def _settlement(self, r: Row) -> SettlementRecord:
+        deltas = {k: (int(v[0]), int(v[1])) for k, v in sorted(self.dec_json(r[7]).items())}
+        return SettlementRecord(
+            settlement_id=r[0], facility_id=r[1], request_id=r[2], request_hash=r[3],
+            member_id=r[4], year=int(r[5]), status=r[6], deltas=deltas,
+            account_paid_fen=int(r[8]), chain_deductible_after_fen=int(r[9]),
+            policy_version=r[10], result=bytes(r[11]) if r[11] is not None else b"",
+            fund_total_fen=int(r[12]), created_at=self.dec_ts(r[13]),
+            reversed_at=self.dec_ts(r[14]))
+
+    def _settlement_by_id(self, cur, settlement_id: str):
+        r = self._x(cur, f"SELECT {SETTLEMENT_COLS} FROM settlements WHERE settlement_id = ?",
+                    (settlement_id,)).fetchone()
+        return None if r is None else self._settlement(r)
+
+    def _by_request(self, cur, facility_id: str, request_id: str,
+                    request_hash: str) -> SettleResult | None:
+        r = self._x(cur, f"SELECT {SETTLEMENT_COLS} FROM settlements "
+                         "WHERE facility_id = ? AND request_id = ?",
+                    (facility_id, request_id)).fetchone()
+        if r is None:
+            return None
+        found = replay_or_conflict(self._settlement(r), request_hash)
+        if isinstance(found, Conflict):
+            raise found
+        return found
+
+    def _lock_member(self, cur, member_id: str) -> Row:
+        r = self._x(cur, f"SELECT {MEMBER_COLS} FROM members WHERE member_id = ?"
+                    + self.FOR_UPDATE, (member_id,)).fetchone()
+        if r is None:
+            raise NotFound(f"member {member_id!r} is not registered")
+        return r
+
+    def _move(self, cur, member_id: str, seq: int, kind: str, amount: int,
+              settlement_id: str | None, balance_after: int, now: datetime) -> None:
+        """Record account movement ``seq`` and make it the member's current balance."""
+        self._x(cur, "INSERT INTO account_movements (member_id, seq, kind, amount_fen, "
+                     "settlement_id, balance_after_fen, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (member_id, seq, kind, amount, settlement_id, balance_after, self.enc_ts(now)))
+        self._x(cur, "UPDATE members SET account_balance_fen = ?, account_seq = ? "
+                     "WHERE member_id = ?", (balance_after, seq, member_id))
+
+    def _add(self, cur, member_id: str, year: int, deltas: Mapping[str, tuple[int, int]],
+             sign: int) -> None:
+        for layer, (paid, base) in deltas.items():
+            self._x(cur, "INSERT INTO accumulators AS a (member_id, year, layer_id, paid_fen, "
+                         "base_fen) VALUES (?, ?, ?, ?, ?) ON CONFLICT (member_id, year, layer_id) "
+                         "DO UPDATE SET paid_fen = a.paid_fen + excluded.paid_fen, "
+                         "base_fen = a.base_fen + excluded.base_fen",
+                    (member_id, year, layer, sign * paid, sign * base))
+        if sign < 0 and deltas:
+            # Rows back at zero go, so that a reversal leaves the table as it found it.
+            self._x(cur, "DELETE FROM accumulators WHERE member_id = ? AND year = ? "
+                         "AND paid_fen = 0 AND base_fen = 0", (member_id, year))
+
+    # --- registries -------------------------------------------------------------------------
+    def upsert_member(self, m: MemberRecord) -> None:
+        """Insert or replace a member. ``account_balance_fen`` is absolute: when it differs from
+        the stored balance (or the member is new) a ``SET`` account movement records it."""
+        if not isinstance(m.member_id, str) or not m.member_id:
+            raise ValueError("member_id must be a non-empty string")
+        if not _is_int(m.account_balance_fen):
+            raise ValueError("account_balance_fen must be an int")
+        fields = (m.identity, self.enc_date(m.continuous_since), self.enc_bool(m.retired),
+                  self.enc_json(sorted(m.groups)), self.enc_bool(m.maternity_eligible),
+                  m.primary_facility, m.other_facility, self.enc_date(m.benefit_start),
+                  self.enc_date(m.benefit_end), m.district, m.region)
+
+        def body(cur):
+            now = self._now()
+            r = self._x(cur, "SELECT account_balance_fen, account_seq FROM members "
+                             "WHERE member_id = ?" + self.FOR_UPDATE, (m.member_id,)).fetchone()
+            if r is None:
+                self._x(cur, "INSERT INTO members (member_id, identity, continuous_since, "
+                             "retired, groups_json, maternity_eligible, primary_facility, "
+                             "other_facility, benefit_start, benefit_end, district, region, "
+                             "account_balance_fen, account_seq, updated_at) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
+                        (m.member_id, *fields, m.account_balance_fen, self.enc_ts(now)))
+                balance, seq = None, 0
+            else:
+                self._x(cur, "UPDATE members SET identity = ?, continuous_since = ?, "
+                             "retired = ?, groups_json = ?, maternity_eligible = ?, "
+                             "primary_facility = ?, other_facility = ?, benefit_start = ?, "
+                             "benefit_end = ?, district = ?, region = ?, updated_at = ? "
+                             "WHERE member_id = ?",
+                        (*fields, self.enc_ts(now), m.member_id))
+                balance, seq = int(r[0]), int(r[1])
+            if balance != m.account_balance_fen:
+                self._move(cur, m.member_id, seq + 1, "SET", m.account_balance_fen, None,
+                           m.account_balance_fen, now)
+        self._run(body)
+
+    def reads(self):
+        """An object with ``get_member``, ``get_facility`` and ``accumulators`` for the reads
+        of one call (the SQLite ledger answers them from its cache, checked once)."""
+        return self
+
+    def get_member(self, member_id: str) -> MemberRecord:
+        r = self._run(lambda cur: self._x(
+            cur, f"SELECT {MEMBER_COLS} FROM members WHERE member_id = ?",
+            (member_id,)).fetchone(), "read")
+        if r is None:
+            raise NotFound(f"member {member_id!r} is not registered")
+        return self._member(r)
+
+    def upsert_facility(self, f: FacilityRecord) -> None:
+        if not isinstance(f.facility_id, str) or not f.facility_id:
+            raise ValueError("facility_id must be a non-empty string")
+        self._run(lambda cur: self._x(
+            cur, "INSERT INTO facilities (facility_id, level, designated, district, name, "
+                 "updated_at) VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (facility_id) DO UPDATE SET "
+                 "level = excluded.level, designated = excluded.designated, "
+                 "district = excluded.district, name = excluded.name, "
+                 "updated_at = excluded.updated_at",
+            (f.facility_id, f.level, self.enc_bool(f.designated), f.district, f.name,
+             self.enc_ts(self._now()))))
+
+    def get_facility(self, facility_id: str) -> FacilityRecord:
+        r = self._run(lambda cur: self._x(
+            cur, f"SELECT {FACILITY_COLS} FROM facilities WHERE facility_id = ?",
+            (facility_id,)).fetchone(), "read")
+        if r is None:
+            raise NotFound(f"facility {facility_id!r} is not registered")
+        return FacilityRecord(facility_id=r[0], level=r[1], designated=bool(r[2]),
+                              district=r[3], name=r[4])
+
+    def _accumulators(self, cur, member_id: str, year: int) -> Accumulators:
+        rows = self._x(cur, "SELECT layer_id, paid_fen, base_fen FROM accumulators "
+                            "WHERE member_id = ? AND year = ? ORDER BY layer_id",
+                       (member_id, year)).fetchall()
+        return Accumulators(year, {r[0]: int(r[1]) for r in rows},
+                            {r[0]: int(r[2]) for r in rows})
+
+    def accumulators(self, member_id: str, year: int) -> Accumulators:
+        return self._run(lambda cur: self._accumulators(cur, member_id, year), "read")
+
+    # --- settlement -------------------------------------------------------------------------
+    def settle(self, *, facility_id: str, request_id: str, request_hash: str, member_id: str,
+               year: int, evaluate: Callable[[MemberState], Outcome]) -> SettleResult:
+        # Replays need no lock: a committed key never changes its settlement.
+        found = self._run(lambda cur: self._by_request(cur, facility_id, request_id,
+                                                       request_hash), "read")
+        if found is not None:
+            return found
+
+        def body(cur) -> SettleResult:
+            row = self._lock_member(cur, member_id)
+            # Under the lock: a concurrent first use of this key for this member has committed
+            # by now; one for another member loses (or wins) on the UNIQUE key at the insert.
+            found = self._by_request(cur, facility_id, request_id, request_hash)
+            if found is not None:
+                return found
+            member, seq = self._member(row), int(row[13])
+            if self._x(cur, "SELECT 1 FROM facilities WHERE facility_id = ?",
+                       (facility_id,)).fetchone() is None:
+                raise NotFound(f"facility {facility_id!r} is not registered")
+            balance = member.account_balance_fen
+            state = MemberState(member, self._accumulators(cur, member_id, year), balance)
+            out = evaluate(state)
+            deltas = check_outcome(out, balance)
+            now = self._now()
+            rec = SettlementRecord(
+                settlement_id=new_settlement_id(), facility_id=facility_id,
+                request_id=request_id,
+                request_hash=request_hash, member_id=member_id, year=year, status="SETTLED",
+                deltas=deltas, account_paid_fen=out.account_paid_fen,
+                chain_deductible_after_fen=out.chain_deductible_after_fen,
+                policy_version=out.policy_version, result=bytes(out.result),
+                fund_total_fen=out.fund_total_fen, created_at=now, reversed_at=None)
+            self._x(cur, f"INSERT INTO settlements ({SETTLEMENT_COLS}) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (rec.settlement_id, facility_id, request_id, request_hash, member_id, year,
+                     "SETTLED", self.enc_json({k: list(v) for k, v in deltas.items()}),
+                     rec.account_paid_fen, rec.chain_deductible_after_fen, rec.policy_version,
+                     rec.result, rec.fund_total_fen, self.enc_ts(now), None))
+            self._add(cur, member_id, year, deltas, +1)
+            if rec.account_paid_fen:
+                self._move(cur, member_id, seq + 1, "SETTLE", -rec.account_paid_fen,
+                           rec.settlement_id, balance - rec.account_paid_fen, now)
+            return SettleResult(rec, created=True)
+        return self._run(body)
+
+    def settle_batch(self, items: list[BatchItem | None],
+                     evaluate: Callable[[BatchState], list]) -> list:
+        """``base.Ledger.settle_batch``: one unit of work (one transaction, on SQLite one
+        savepoint of a group commit) for the whole batch."""
+        def body(cur) -> list:
+            results: list = [None] * len(items)
+            first: dict[tuple[str, str], int] = {}
+            new = [False] * len(items)
+            by_facility: dict[str, list[str]] = {}
+            for i, it in enumerate(items):
+                if it is None:
+                    continue
+                key = (it.facility_id, it.request_id)
+                if key in first:                 # the same key earlier in this batch
+                    results[i] = ("dup", first[key])
+                    continue
+                first[key] = i
+                by_facility.setdefault(it.facility_id, []).append(it.request_id)
+            used = {}                            # keys already in the journal: few, usually
+            for fid, rids in by_facility.items():
+                for chunk in _chunks(rids):
+                    for r in self._x(cur, f"SELECT {SETTLEMENT_COLS} FROM settlements "
+                                          f"WHERE facility_id = ? AND request_id IN "
+                                          f"({', '.join('?' * len(chunk))})",
+                                     (fid, *chunk)).fetchall():
+                        used[(r[1], r[2])] = self._settlement(r)
+            for key, i in first.items():
+                rec = used.get(key)
+                if rec is None:
+                    new[i] = True
+                else:
+                    results[i] = replay_or_conflict(rec, items[i].request_hash)
+            member_ids = sorted({it.member_id for i, it in enumerate(items) if new[i]})
+            rows = {}
+            for chunk in _chunks(member_ids):
+                for r in self._x(cur, f"SELECT {MEMBER_COLS} FROM members WHERE member_id IN "
+                                      f"({', '.join('?' * len(chunk))}) ORDER BY member_id"
+                                      + self.FOR_UPDATE, tuple(chunk)).fetchall():
+                    rows[r[0]] = r
+            members = {mid: self._member(rows[mid]) if mid in rows else None
+                       for mid in member_ids}
+            fids = sorted({it.facility_id for i, it in enumerate(items) if new[i]})
+            facilities = set()
+            for chunk in _chunks(fids):
+                facilities.update(r[0] for r in self._x(
+                    cur, f"SELECT facility_id FROM facilities WHERE facility_id IN "
+                         f"({', '.join('?' * len(chunk))})", tuple(chunk)).fetchall())
+            years = sorted({(it.member_id, it.year) for i, it in enumerate(items)
+                            if new[i] and it.member_id in rows})
+            acc = {my: self._accumulators(cur, *my) for my in years}
+            outcomes = evaluate(BatchState(new, members, acc, facilities))
+            start = self._now()
+            balance = {mid: (m.account_balance_fen, int(rows[mid][13]))
+                       for mid, m in members.items() if m is not None}
+            inserts, moves = [], []
+            added: dict[tuple[str, int, str], list[int]] = {}
+            for i, out in enumerate(outcomes):
+                if not new[i]:
+                    continue
+                if out is None or isinstance(out, BaseException):
+                    results[i] = out
+                    continue
+                it = items[i]
+                bal, seq = balance[it.member_id]
+                deltas = check_outcome(out, bal)
+                now = start + timedelta(microseconds=i)   # the journal keeps the batch's order
+                rec = SettlementRecord(
+                    settlement_id=new_settlement_id(), facility_id=it.facility_id,
+                    request_id=it.request_id, request_hash=it.request_hash,
+                    member_id=it.member_id, year=it.year, status="SETTLED", deltas=deltas,
+                    account_paid_fen=out.account_paid_fen,
+                    chain_deductible_after_fen=out.chain_deductible_after_fen,
+                    policy_version=out.policy_version, result=bytes(out.result),
+                    fund_total_fen=out.fund_total_fen, created_at=now, reversed_at=None)
+                inserts.append((rec.settlement_id, it.facility_id, it.request_id,
+                                it.request_hash, it.member_id, it.year, "SETTLED",
+                                self.enc_json({k: list(v) for k, v in deltas.items()}),
+                                rec.account_paid_fen, rec.chain_deductible_after_fen,
+                                rec.policy_version, rec.result, rec.fund_total_fen,
+                                self.enc_ts(now), None))
+                for layer, (paid, base) in deltas.items():
+                    a = added.setdefault((it.member_id, it.year, layer), [0, 0])
+                    a[0] += paid
+                    a[1] += base
+                if rec.account_paid_fen:
+                    bal -= rec.account_paid_fen
+                    seq += 1
+                    moves.append((it.member_id, seq, "SETTLE", -rec.account_paid_fen,
+                                  rec.settlement_id, bal, self.enc_ts(now)))
+                    balance[it.member_id] = (bal, seq)
+                results[i] = SettleResult(rec, created=True)
+            if inserts:
+                cur.executemany(self._sql(
+                    f"INSERT INTO settlements ({SETTLEMENT_COLS}) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"), inserts)
+            if added:
+                cur.executemany(self._sql(
+                    "INSERT INTO accumulators AS a (member_id, year, layer_id, paid_fen, "
+                    "base_fen) VALUES (?, ?, ?, ?, ?) ON CONFLICT (member_id, year, layer_id) "
+                    "DO UPDATE SET paid_fen = a.paid_fen + excluded.paid_fen, "
+                    "base_fen = a.base_fen + excluded.base_fen"),
+                    [(*k, v[0], v[1]) for k, v in added.items()])
+            if moves:
+                cur.executemany(self._sql(
+                    "INSERT INTO account_movements (member_id, seq, kind, amount_fen, "
+                    "settlement_id, balance_after_fen, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                    moves)
+                last = {m[0]: (m[5], m[1]) for m in moves}
+                cur.executemany(self._sql(
+                    "UPDATE members SET account_balance_fen = ?, account_seq = ? "
+                    "WHERE member_id = ?"), [(b, q, mid) for mid, (b, q) in last.items()])
+            resolve_repeats(items, results)      # later uses of a key of this batch
+            return results
+        return self._run(body)
+
+    def reverse(self, *, settlement_id: str, facility_id: str) -> SettlementRecord:
+        def check(rec: SettlementRecord | None) -> SettlementRecord:
+            if rec is None:
+                raise NotFound(f"settlement {settlement_id!r} does not exist")
+            if rec.facility_id != facility_id:
+                raise Forbidden(f"settlement {settlement_id!r} belongs to another facility")
+            return rec
+
+        rec = check(self._run(lambda cur: self._settlement_by_id(cur, settlement_id), "read"))
+        if rec.status == "REVERSED":
+            return rec
+        member_id = rec.member_id
+
+        def body(cur) -> SettlementRecord:
+            m = self._lock_member(cur, member_id)
+            rec = check(self._settlement_by_id(cur, settlement_id))
+            if rec.status == "REVERSED":
+                return rec
+            now = self._now()
+            self._add(cur, member_id, rec.year, rec.deltas, -1)
+            if rec.account_paid_fen:
+                self._move(cur, member_id, int(m[13]) + 1, "REVERSE", rec.account_paid_fen,
+                           settlement_id, int(m[12]) + rec.account_paid_fen, now)
+            self._x(cur, "UPDATE settlements SET status = 'REVERSED', reversed_at = ? "
+                         "WHERE settlement_id = ? AND member_id = ?",
+                    (self.enc_ts(now), settlement_id, member_id))
+            return replace(rec, status="REVERSED", reversed_at=now)
+        return self._run(body)
+
+    def get_settlement(self, settlement_id: str) -> SettlementRecord:
+        rec = self._run(lambda cur: self._settlement_by_id(cur, settlement_id), "read")
+        if rec is None:
+            raise NotFound(f"settlement {settlement_id!r} does not exist")
+        return rec
+
+    def journal(self, member_id: str | None = None) -> Iterator[SettlementRecord]:
+        """The settlements (of one member, or all) in the order they were made."""
+        def read(cur):
+            where, params = ("WHERE member_id = ? ", (member_id,)) if member_id is not None \
+                else ("", ())
+            return [self._settlement(r) for r in self._x(
+                cur, f"SELECT {SETTLEMENT_COLS} FROM settlements {where}"
+                     "ORDER BY created_at, settlement_id", params).fetchall()]
+        return iter(self._run(read, "read"))
+
+    # --- audit (server.ledger.verify) ---------------------------------------------------------
+    def audit(self) -> Audit:
+        """All rows ``verify`` needs, from one consistent snapshot of the database."""
+        cols = SETTLEMENT_COLS.replace("result", "NULL")
+
+        def read(cur) -> Audit:
+            return Audit(
+                members=[(r[0], int(r[1]), int(r[2])) for r in self._x(
+                    cur, "SELECT member_id, account_balance_fen, account_seq FROM members "
+                         "ORDER BY member_id").fetchall()],
+                accumulators=[(r[0], int(r[1]), r[2], int(r[3]), int(r[4])) for r in self._x(
+                    cur, "SELECT member_id, year, layer_id, paid_fen, base_fen "
+                         "FROM accumulators ORDER BY member_id, year, layer_id").fetchall()],
+                settlements=[self._settlement(r) for r in self._x(
+                    cur, f"SELECT {cols} FROM settlements "
+                         "ORDER BY member_id, created_at, settlement_id").fetchall()],
+                movements=[(r[0], int(r[1]), r[2], int(r[3]), r[4], int(r[5])) for r in self._x(
+                    cur, "SELECT member_id, seq, kind, amount_fen, settlement_id, "
+                         "balance_after_fen FROM account_movements ORDER BY member_id, seq"
+                    ).fetchall()])
+        return self._run(read, "snapshot")
+
+    # --- lifecycle --------------------------------------------------------------------------
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+
+def new_settlement_id() -> str:
+    """32 hex digits: the time in µs, then 72 random bits. Ids made later sort later, so the
+    journal's primary key grows at its end instead of at random places (fewer pages written
+    per commit); uniqueness rests on the random part, as with a uuid4."""
+    return f"{time.time_ns() // 1000:014x}"[-14:] + os.urandom(9).hex()
+
+
+def _chunks(ids: list, size: int = 500):
+    for k in range(0, len(ids), size):
+        yield ids[k:k + size]
+
+
+@functools.lru_cache(maxsize=None)
+def qmark_to_format(sql: str) -> str:
+    """``?`` placeholders as psycopg's ``%s`` (the shared statements contain no literal % or ?)."""
+    return sql.replace("%", "%%").replace("?", "%s")

@@ -1,0 +1,360 @@
+"""The embedded ledger: one SQLite file in WAL mode (the service's default database).
+
+Durability: ``journal_mode=WAL`` with ``synchronous=FULL`` (every commit is fsynced before it
+returns), foreign keys on. The schema is created and migrated on open (``server.ledger.schema``).
+
+Writes: group commit. Every write unit of work (a settlement, a reversal, an upsert) is handed
+to one committer thread per ledger, which runs whatever units are waiting — up to
+``group_max`` of them, having waited up to ``group_wait_us`` for more to arrive — in ONE
+transaction (``BEGIN IMMEDIATE``: the database write lock, which also orders the writers of
+other processes, waiting up to ``busy_timeout``) and commits them with one fsync. Each unit runs
+in its own ``SAVEPOINT``: a unit that refuses (an unknown member, a reused request id, a failing
+evaluation) is rolled back to its savepoint and its caller alone gets the error. A failure of the
+transaction itself (``BEGIN``, a statement, ``COMMIT``: a full disk, an I/O error, a lock not
+obtained) rolls the whole group back and every caller of the group gets ``LedgerUnavailable``:
+none of the group is half-applied, and resending is safe (settlements are keyed by request id).
+Units of one group run one after another on one connection, each seeing the writes of those
+before it, so the state a ``settle`` reads is still the state it commits over.
+
+Reads run in parallel on pooled connections (WAL snapshots). Registry records and accumulators
+read outside a transaction are cached, and the cache is dropped whenever ``PRAGMA data_version``
+of a connection that never writes says that anything committed, in this process or another.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import os
+import sqlite3
+import threading
+from contextlib import contextmanager
+from datetime import date, datetime
+from typing import Any, Callable, Iterator
+
+from engine.model import Accumulators
+from server.ledger.base import FacilityRecord, LedgerUnavailable, MemberRecord
+from server.ledger.sqlbase import SqlLedger
+
+CACHE_MAX = 200_000   # entries; the cache is simply dropped when it grows past this
+
+
+class _Unit:
+    """One write unit of work waiting for the committer."""
+
+    __slots__ = ("fn", "done", "result", "error", "ok")
+
+    def __init__(self, fn: Callable[[Any], Any]):
+        self.fn = fn
+        self.done = threading.Event()
+        self.result: Any = None
+        self.error: BaseException | None = None
+        self.ok = False
+
+
+class SqliteLedger(SqlLedger):
+    dialect = "sqlite"
+    FOR_UPDATE = ""   # BEGIN IMMEDIATE already holds the database's write lock
+
+    def __init__(self, path: str | os.PathLike, *, busy_timeout_ms: int = 30_000,
+                 group_max: int = 256, group_wait_us: int = 0, cache: bool = True) -> None:
+        self.path = os.fspath(path)
+        if not self.path or self.path == ":memory:" or self.path.startswith("file::memory:"):
+            raise ValueError("SqliteLedger needs a file path (use MemoryLedger for tests "
+                             "without a database)")
+        parent = os.path.dirname(os.path.abspath(self.path))
+        os.makedirs(parent, exist_ok=True)
+        self._busy_ms = int(busy_timeout_ms)
+        self.group_max = max(1, int(group_max))
+        self.group_wait_s = max(0, int(group_wait_us)) / 1e6
+        self._pool_lock = threading.Lock()
+        self._idle: list[sqlite3.Connection] = []
+        self._closed = False
+        # group commit
+        self._queue: collections.deque[_Unit] = collections.deque()
+        self._cv = threading.Condition(threading.Lock())
+        self._stopping = False
+        self._wconn: sqlite3.Connection | None = None
+        self.groups_committed = 0      # statistics: transactions and units committed
+        self.units_committed = 0
+        self._committer = threading.Thread(target=self._commit_loop, daemon=True,
+                                           name=f"ledger-commit-{os.path.basename(self.path)}")
+        self._committer.start()
+        # read cache, validated by data_version of connections that never write (one per
+        # thread: a shared one behind a lock made a convoy of the threads serving calls)
+        self._cache_on = cache
+        self._local = threading.local()
+        self._watches: list[sqlite3.Connection] = []
+        self._watch_lock = threading.Lock()
+        self._cache_gen = 0              # the cache's epoch: bumped whenever it is dropped
+        self._cache: dict[tuple, Any] = {}
+        try:
+            self._migrate()
+        except BaseException:
+            self.close()
+            raise
+
+    # --- connections ------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        c = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None,
+                            check_same_thread=False)
+        try:
+            mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
+            if mode.lower() != "wal":
+                raise sqlite3.OperationalError(f"cannot put {self.path} in WAL mode ({mode})")
+            c.execute("PRAGMA synchronous=FULL")
+            c.execute("PRAGMA foreign_keys=ON")
+            c.execute(f"PRAGMA busy_timeout={self._busy_ms}")
+        except BaseException:
+            c.close()
+            raise
+        return c
+
+    @contextmanager
+    def _connection(self) -> Iterator[sqlite3.Connection]:
+        with self._pool_lock:
+            if self._closed:
+                raise RuntimeError("the ledger is closed")
+            c = self._idle.pop() if self._idle else None
+        if c is None:
+            c = self._connect()
+        try:
+            yield c
+        finally:
+            if c.in_transaction:   # never hand on a connection inside a transaction
+                c.rollback()
+            with self._pool_lock:
+                if self._closed:
+                    c.close()
+                else:
+                    self._idle.append(c)
+
+    def _run(self, fn: Callable[[Any], Any], mode: str = "write") -> Any:
+        if mode == "read":
+            with self._connection() as c:
+                return fn(c.cursor())
+        if mode == "write":
+            return self._submit(fn)
+        with self._connection() as c:   # snapshot: a deferred read transaction
+            return self._transaction(c, "BEGIN", fn)
+
+    @staticmethod
+    def _transaction(c: sqlite3.Connection, begin: str, fn: Callable[[Any], Any]) -> Any:
+        c.execute(begin)
+        try:
+            out = fn(c.cursor())
+            c.execute("COMMIT")
+        except BaseException:
+            if c.in_transaction:
+                c.execute("ROLLBACK")
+            raise
+        return out
+
+    # --- group commit -----------------------------------------------------------------------
+    def _submit(self, fn: Callable[[Any], Any]) -> Any:
+        """Run ``fn(cursor)`` in the committer's next group; return its result once committed."""
+        unit = _Unit(fn)
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the ledger is closed")
+            self._queue.append(unit)
+            self._cv.notify()
+        unit.done.wait()
+        if unit.error is not None:
+            raise unit.error
+        return unit.result
+
+    def _commit_loop(self) -> None:
+        queue, cv = self._queue, self._cv
+        while True:
+            with cv:
+                while not queue and not self._stopping:
+                    cv.wait()
+                if not queue:
+                    return
+                if self.group_wait_s and len(queue) < self.group_max:
+                    cv.wait_for(lambda: len(queue) >= self.group_max or self._stopping,
+                                self.group_wait_s)
+                group = [queue.popleft() for _ in range(min(len(queue), self.group_max))]
+            try:
+                self._run_group(group)
+            finally:
+                for unit in group:
+                    unit.done.set()
+
+    def _run_group(self, group: list[_Unit]) -> None:
+        """One transaction for the group; see the module docstring for who gets which error."""
+        try:
+            if self._wconn is None:
+                self._wconn = self._connect()
+            c = self._wconn
+            cur = c.cursor()
+            c.execute("BEGIN IMMEDIATE")
+            single = len(group) == 1
+            for unit in group:
+                if not single:
+                    c.execute("SAVEPOINT unit")
+                try:
+                    unit.result = unit.fn(cur)
+                except sqlite3.Error:
+                    raise                          # the database failed: the whole group does
+                except Exception as e:             # this unit refused: undo it alone
+                    unit.error = e
+                    if single:
+                        c.execute("ROLLBACK")
+                        return
+                    c.execute("ROLLBACK TO unit")
+                    c.execute("RELEASE unit")
+                    continue
+                if not single:
+                    c.execute("RELEASE unit")
+                unit.ok = True
+            self._commit(c)
+            self.groups_committed += 1
+            self.units_committed += sum(u.ok for u in group)
+        except BaseException as e:
+            c = self._wconn
+            try:
+                if c is not None and c.in_transaction:
+                    c.execute("ROLLBACK")
+            except sqlite3.Error:              # a broken connection: start afresh next time
+                try:
+                    c.close()
+                finally:
+                    self._wconn = None
+            failed = LedgerUnavailable(
+                f"the ledger could not commit ({type(e).__name__}: {e}); nothing of this "
+                "call was committed, resend it")
+            failed.__cause__ = e
+            for unit in group:
+                if unit.error is None or unit.ok:
+                    unit.ok = False
+                    unit.result = None
+                    unit.error = failed
+            if not isinstance(e, Exception):
+                raise
+
+    def _commit(self, c: sqlite3.Connection) -> None:
+        """COMMIT the group (one fsync). A separate method so that tests can make it fail."""
+        c.execute("COMMIT")
+
+    # --- cached reads -----------------------------------------------------------------------
+    def _cache_valid(self) -> int:
+        """The cache's epoch, after dropping the cache if anything was committed (by any
+        connection, in any process) since this thread last looked.
+
+        Each thread asks its own watching connection: its ``data_version`` changes when
+        another connection commits. A thread that sees a change drops the cache and bumps the
+        epoch; an entry read after a check is stored only while the epoch is still the one
+        that check returned. So an entry read before a commit is either never stored or
+        dropped by the first check after that commit, whichever thread makes it."""
+        if self._closed:
+            raise RuntimeError("the ledger is closed")
+        loc = self._local
+        c = getattr(loc, "watch", None)
+        if c is None:
+            with self._watch_lock:
+                if self._closed:
+                    raise RuntimeError("the ledger is closed")
+                c = loc.watch = self._connect()
+                loc.seen = None
+                self._watches.append(c)
+        version = c.execute("PRAGMA data_version").fetchone()[0]
+        if version != loc.seen or len(self._cache) > CACHE_MAX:
+            loc.seen = version
+            with self._watch_lock:
+                self._cache = {}
+                self._cache_gen += 1
+        return self._cache_gen
+
+    def _cached(self, key: tuple, load: Callable[[], Any]) -> Any:
+        if not self._cache_on:
+            return load()
+        gen = self._cache_valid()
+        cache = self._cache
+        got = cache.get(key)
+        if got is None:
+            got = load()                  # read after the version: never older than it
+            if self._cache_gen == gen:
+                cache[key] = got
+        return got
+
+    def reads(self) -> "_Reads":
+        return _Reads(self) if self._cache_on else self
+
+    def get_member(self, member_id: str) -> MemberRecord:
+        return self._cached(("m", member_id), lambda: SqlLedger.get_member(self, member_id))
+
+    def get_facility(self, facility_id: str) -> FacilityRecord:
+        return self._cached(("f", facility_id),
+                            lambda: SqlLedger.get_facility(self, facility_id))
+
+    def accumulators(self, member_id: str, year: int) -> Accumulators:
+        return self._cached(("a", member_id, year),
+                            lambda: SqlLedger.accumulators(self, member_id, year))
+
+    def close(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+        if self._committer.is_alive() and threading.current_thread() is not self._committer:
+            self._committer.join()
+        with self._pool_lock:
+            self._closed = True
+            idle, self._idle = self._idle, []
+        for c in idle:
+            c.close()
+        with self._watch_lock:
+            for c in (self._wconn, *self._watches):
+                if c is not None:
+                    c.close()
+            self._wconn = None
+            self._watches = []
+
+    # --- types --------------------------------------------------------------------------------
+    def enc_date(self, d: date | None) -> Any:
+        return None if d is None else d.isoformat()
+
+    def dec_date(self, v: Any) -> date | None:
+        return None if v is None else date.fromisoformat(v)
+
+    def enc_bool(self, b: bool) -> Any:
+        return 1 if b else 0
+
+    def dec_json(self, v: Any) -> Any:
+        return json.loads(v)
+
+    def enc_ts(self, t: datetime | None) -> Any:
+        return None if t is None else t.isoformat(timespec="microseconds")
+
+    def dec_ts(self, v: Any) -> datetime | None:
+        return None if v is None else datetime.fromisoformat(v)
+
+
+class _Reads:
+    """One call's registry and accumulator reads: the cache checked once, at the start."""
+
+    __slots__ = ("ledger", "gen", "cache")
+
+    def __init__(self, ledger: SqliteLedger):
+        self.ledger = ledger
+        self.gen = ledger._cache_valid()
+        self.cache = ledger._cache
+
+    def _get(self, key: tuple, load: Callable[[], Any]) -> Any:
+        got = self.cache.get(key)
+        if got is None:
+            got = load()
+            if self.ledger._cache_gen == self.gen:
+                self.cache[key] = got
+        return got
+
+    def get_member(self, member_id: str) -> MemberRecord:
+        return self._get(("m", member_id), lambda: SqlLedger.get_member(self.ledger, member_id))
+
+    def get_facility(self, facility_id: str) -> FacilityRecord:
+        return self._get(("f", facility_id),
+                         lambda: SqlLedger.get_facility(self.ledger, facility_id))
+
+    def accumulators(self, member_id: str, year: int) -> Accumulators:
+        return self._get(("a", member_id, year),
+                         lambda: SqlLedger.accumulators(self.ledger, member_id, year))

@@ -1,0 +1,263 @@
+"""The servicers: validate -> load member and facility -> evaluate (pure) -> commit -> reply.
+
+Thin on purpose: the numbers come from ``engine``, persistence and locking from the ledger,
+validation from ``server.convert``. Every method goes through ``rpc`` which maps domain errors
+to status codes (``server.errors``) and writes one JSON log line per call.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import time
+from datetime import date
+
+import grpc
+
+from engine.evaluate import resolve_impl, settle as evaluate
+from engine.loader import PolicyStore
+from engine.errors import InvalidInput
+from reimburse.v1 import policy_pb2_grpc, registry_pb2_grpc, settlement_pb2_grpc
+from reimburse.v1 import settlement_pb2 as st
+from reimburse.v1 import types_pb2 as ty
+from server import auth, convert, fastpath, wire
+from server.errors import DeadlinePassed, NotCovered, to_status
+from server.ledger.base import Ledger, MemberRecord, MemberState, Outcome
+from server.views import accumulators_view, policy_view
+
+log = logging.getLogger("reimburse.rpc")
+
+STATUS_WIRE = {"SETTLED": ty.SETTLEMENT_STATUS_SETTLED, "REVERSED": ty.SETTLEMENT_STATUS_REVERSED}
+
+
+def _call_fields(request) -> dict:
+    """Request id, member and facility of any of our requests, for the log line."""
+    out = {}
+    for name in ("request_id", "member_id", "facility_id", "settlement_id"):
+        v = getattr(request, name, None)
+        if v:
+            out[name] = v
+    for wrapper, key in (("member", "member_id"), ("facility", "facility_id")):
+        inner = getattr(request, wrapper, None)
+        if inner is not None and getattr(inner, key, ""):
+            out[key] = getattr(inner, key)
+    return out
+
+
+def rpc(method):
+    """Map domain errors to their status (one table) and log one line per call."""
+    name = method.__name__
+
+    @functools.wraps(method)
+    def wrapper(self, request, context):
+        start = time.perf_counter()
+        code, error = grpc.StatusCode.OK, None
+        try:
+            return method(self, request, context)
+        except Exception as e:
+            status = to_status(e)
+            if status is None:  # a bug here, not the caller's: don't leak its text
+                log.exception("internal error in %s", name)
+                code, error = grpc.StatusCode.INTERNAL, "internal error"
+                context.abort(code, error)
+            code, error = status.code, status.details
+            context.abort_with_status(status)
+        finally:
+            line = {"event": "rpc", "method": name, **_call_fields(request),
+                    "code": code.name, "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
+            caller = auth.current()
+            if caller is not None:
+                line["caller"] = str(caller)
+            if error:
+                line["error"] = error
+            log.info(line)
+    return wrapper
+
+
+def _check_deadline(context) -> None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        raise DeadlinePassed("the call's deadline passed before it was settled")
+
+
+def check_covered(m: MemberRecord, day: date) -> None:
+    """The member's benefit period and contribution run must include the service date."""
+    if m.benefit_start and day < m.benefit_start:
+        raise NotCovered("NOT_COVERED", f"members/{m.member_id}",
+                         f"member {m.member_id!r} is not covered on {day}: benefits start "
+                         f"{m.benefit_start}")
+    if m.benefit_end and day > m.benefit_end:
+        raise NotCovered("NOT_COVERED", f"members/{m.member_id}",
+                         f"member {m.member_id!r} is not covered on {day}: benefits ended "
+                         f"{m.benefit_end}")
+    if day < m.continuous_since:
+        raise NotCovered("NOT_COVERED", f"members/{m.member_id}",
+                         f"member {m.member_id!r} is not covered on {day}: continuous "
+                         f"contribution began {m.continuous_since}")
+
+
+class Core:
+    """What the servicers share: the ledger, the policies and the evaluator choice."""
+
+    def __init__(self, ledger: Ledger, policies: PolicyStore, impl: str | None = None):
+        self.ledger, self.policies, self.impl = ledger, policies, impl
+        # the kernel's wire path (server.fastpath) unless the reference is asked for
+        self.fast = resolve_impl(impl) == "kernel"
+
+    def evaluate(self, call: convert.SettleCall, level: str, chain_fen: int,
+                 state: MemberState, commit: bool = True) -> tuple[Outcome, ty.Settlement]:
+        """Pure: the settlement of ``call`` over ``state``, as the reply and ledger outcome
+        (``commit=False``: a pre-settlement, whose outcome's ``result`` is left empty)."""
+        m = state.member
+        check_covered(m, call.service_date)
+        policy = self.policies.policy_for(m.region, call.service_date)
+        if self.fast and not call.want_trace:
+            return fastpath.settle(fastpath.plan_for(policy), call, m, level, chain_fen,
+                                   state.accumulators, state.balance_fen, serialize=commit)
+        member = convert.engine_member(m)
+        s = evaluate(policy, member, call.claim(level, chain_fen), state.accumulators,
+                     state.balance_fen, impl=self.impl, trace=call.want_trace)
+        view = accumulators_view(policy, member, m.member_id, s.accumulators_after,
+                                 call.service_date, s.balance_after_fen)
+        msg = convert.settlement_to_wire(call, m, s, view)
+        return Outcome(deltas=s.deltas(state.accumulators), account_paid_fen=s.account_paid_fen,
+                       chain_deductible_after_fen=s.chain_deductible_after_fen,
+                       policy_version=s.policy_version, result=msg.SerializeToString(),
+                       fund_total_fen=s.fund_total_fen), msg
+
+    def referral_chain(self, call: convert.SettleCall) -> int:
+        """Deductible already paid along the chain of the admission this one was referred from."""
+        if not call.referral_from:
+            return 0
+        rec = self.ledger.get_settlement(call.referral_from)
+        field = "referral_from_settlement_id"
+        if rec.member_id != call.member_id:
+            raise InvalidInput(field, f"settlement {rec.settlement_id!r} is another member's")
+        if ty.Settlement.FromString(rec.result).kind != ty.CLAIM_KIND_INPATIENT:
+            raise InvalidInput(field, f"settlement {rec.settlement_id!r} is not an inpatient "
+                                      "settlement")
+        if rec.status != "SETTLED":
+            raise NotCovered("REFERRAL_REVERSED", f"settlements/{rec.settlement_id}",
+                             f"the referring settlement {rec.settlement_id!r} was reversed")
+        return rec.chain_deductible_after_fen
+
+    def stored(self, rec) -> ty.Settlement:
+        """A journal record's reply: the stored bytes plus what the ledger assigned."""
+        msg = ty.Settlement.FromString(rec.result)
+        msg.settlement_id = rec.settlement_id
+        msg.status = STATUS_WIRE[rec.status]
+        return msg
+
+
+class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
+    def __init__(self, core: Core):
+        self.core = core
+
+    def _prepare(self, request, commit: bool, reads=None):
+        call = convert.validate_settle(request, require_request_id=commit)
+        facility = (self.core.ledger if reads is None else reads).get_facility(
+            call.facility_id)
+        return call, convert.rule_level(facility), self.core.referral_chain(call)
+
+    @rpc
+    def PreSettle(self, request, context):
+        reads = self.core.ledger.reads()   # registry and accumulators as of one moment
+        call, level, chain = self._prepare(request, commit=False, reads=reads)
+        m = reads.get_member(call.member_id)
+        acc = reads.accumulators(call.member_id, call.service_date.year)
+        _, msg = self.core.evaluate(call, level, chain, MemberState(m, acc, m.account_balance_fen),
+                                    commit=False)
+        msg.status = ty.SETTLEMENT_STATUS_PRE_SETTLED
+        return st.SettleResponse(settlement=msg)
+
+    @rpc
+    def Settle(self, request, context):
+        call, level, chain = self._prepare(request, commit=True)
+        _check_deadline(context)  # a caller that gave up must not find a settlement later
+        res = self.core.ledger.settle(
+            facility_id=call.facility_id, request_id=call.request_id,
+            request_hash=convert.request_hash(request), member_id=call.member_id,
+            year=call.service_date.year,
+            evaluate=lambda state: self.core.evaluate(call, level, chain, state)[0])
+        rec = res.record   # the stored reply as is, its id and status appended (server.wire)
+        return wire.settlement_response(rec.result, rec.settlement_id, rec.status,
+                                        not res.created)
+
+    @rpc
+    def Reverse(self, request, context):
+        sid = convert.check_id(request.settlement_id, "settlement_id")
+        fid = convert.check_id(request.facility_id, "facility_id")
+        convert.check_id(request.request_id, "request_id", required=False)
+        rec = self.core.ledger.reverse(settlement_id=sid, facility_id=fid)
+        return st.ReverseResponse(settlement=self.core.stored(rec))
+
+    @rpc
+    def GetSettlement(self, request, context):
+        sid = convert.check_id(request.settlement_id, "settlement_id")
+        rec = self.core.ledger.get_settlement(sid)
+        auth.check_owner(rec.facility_id, f"settlement {sid!r}")  # only the settling facility
+        return st.GetSettlementResponse(settlement=self.core.stored(rec))
+
+    @rpc
+    def GetAccumulators(self, request, context):
+        mid = convert.check_id(request.member_id, "member_id")
+        year = request.year
+        if not 1 <= year <= 9999:
+            raise InvalidInput("year", "is required (1..9999)")
+        as_of = convert.date_from_wire(request.as_of, request, "as_of", "as_of")
+        if as_of is None:
+            today = date.today()
+            as_of = (today if today.year == year else
+                     date(year, 12, 31) if year < today.year else date(year, 1, 1))
+        elif as_of.year != year:
+            raise InvalidInput("as_of", f"must be within the year {year}")
+        m = self.core.ledger.get_member(mid)
+        policy = self.core.policies.policy_for(m.region, as_of)
+        acc = self.core.ledger.accumulators(mid, year)
+        return accumulators_view(policy, convert.engine_member(m), mid, acc, as_of,
+                                 m.account_balance_fen)
+
+
+class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
+    def __init__(self, core: Core):
+        self.core = core
+
+    @rpc
+    def UpsertMember(self, request, context):
+        if not request.HasField("member"):
+            raise InvalidInput("member", "is required")
+        rec = convert.member_from_wire(request.member)
+        if rec.region not in self.core.policies.files:
+            raise InvalidInput("member.region", f"unknown region {rec.region!r}; known: "
+                                                f"{self.core.policies.regions()}")
+        self.core.ledger.upsert_member(rec)
+        return convert.member_to_wire(rec)
+
+    @rpc
+    def GetMember(self, request, context):
+        rec = self.core.ledger.get_member(convert.check_id(request.member_id, "member_id"))
+        return convert.member_to_wire(rec)
+
+    @rpc
+    def UpsertFacility(self, request, context):
+        if not request.HasField("facility"):
+            raise InvalidInput("facility", "is required")
+        rec = convert.facility_from_wire(request.facility)
+        self.core.ledger.upsert_facility(rec)
+        return convert.facility_to_wire(rec)
+
+    @rpc
+    def GetFacility(self, request, context):
+        rec = self.core.ledger.get_facility(convert.check_id(request.facility_id, "facility_id"))
+        return convert.facility_to_wire(rec)
+
+
+class PolicyServicer(policy_pb2_grpc.PolicyServiceServicer):
+    def __init__(self, core: Core):
+        self.core = core
+
+    @rpc
+    def GetPolicy(self, request, context):
+        region = convert.check_id(request.region, "region", required=False) or \
+            convert.DEFAULT_REGION
+        day = convert.date_from_wire(request.date, request, "date", "date", required=True)
+        return policy_view(self.core.policies.policy_for(region, day))

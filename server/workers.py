@@ -1,0 +1,141 @@
+"""``python -m server --processes N``: N worker processes serving one port.
+
+The supervisor (the process started) checks the configuration once (policies, database: it
+opens the ledger, which creates or migrates the schema, and closes it), reserves the port with a
+socket bound with ``SO_REUSEPORT`` (so that port 0 becomes one definite port all workers use),
+then forks the workers before any gRPC object exists. Each worker is ``server.app.serve`` with
+``--processes 1 --reuse-port --listen HOST:PORT``: its own gRPC server (``grpc.so_reuseport``),
+its own ledger connections and committer, its own health service, its own log lines. The kernel
+spreads new connections over the workers; a connection stays with one worker.
+
+Signals: SIGTERM or SIGINT to the supervisor is passed on to every worker, which drains as a
+single server does (health NOT_SERVING, in-flight calls get ``--grace``); the supervisor exits 0
+once all workers exited 0. A worker that dies on its own makes the supervisor stop the others
+and exit 1: a half-capacity service is not hidden behind a healthy port.
+
+Sharing the ledger: PostgreSQL as with separate servers (row locks). SQLite: every worker
+opens the same WAL file; writers of all processes take turns on the database write lock
+(``BEGIN IMMEDIATE``, waiting up to ``busy_timeout``), so durable writes do not scale with
+workers (each worker's group commit still batches its own callers), and a waiting writer sleeps
+in SQLite's busy handler (milliseconds) rather than queueing. ``memory://`` is refused: each
+process would have a ledger of its own.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+from typing import Callable
+
+log = logging.getLogger("reimburse.server")
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A socket bound to (host, port) with SO_REUSEPORT, not listening: it holds the port."""
+    family, kind, proto, _, addr = socket.getaddrinfo(
+        host.strip("[]") or "0.0.0.0", port, type=socket.SOCK_STREAM)[0]
+    sock = socket.socket(family, kind, proto)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind(addr)
+    return sock
+
+
+def supervise(args: argparse.Namespace, argv: list[str],
+              serve: Callable[[list[str]], int]) -> int:
+    n = args.processes
+    if n < 1:
+        log.error({"event": "cannot start", "error": f"--processes must be >= 1, got {n}"})
+        return 2
+    if args.database == "memory://":
+        log.error({"event": "cannot start", "error": "--processes > 1 needs a shared database "
+                   "(SQLite file or PostgreSQL): each process would have its own memory://"})
+        return 2
+    from engine.loader import BUNDLED, store
+    from server.app import _redact, open_database
+    from server.auth import InsecureRefused, security_from_args
+    try:  # refuse once, here, rather than once per forked worker
+        security_from_args(args)
+    except (InsecureRefused, OSError, ValueError) as e:
+        log.error({"event": "cannot start", "error": str(e)})
+        return 2
+    try:
+        store(args.policies) if args.policies != str(BUNDLED) else store()
+        open_database(args.database).close()   # creates or migrates the schema once
+    except Exception as e:
+        log.error({"event": "cannot start", "error": f"{type(e).__name__}: {e}"})
+        return 2
+    host, _, port_text = args.listen.rpartition(":")
+    try:
+        holder = reserve_port(host, int(port_text))
+    except (OSError, ValueError) as e:
+        log.error({"event": "cannot listen", "address": args.listen, "error": str(e)})
+        return 2
+    port = holder.getsockname()[1]
+    worker_argv = [*argv, "--listen", f"{host}:{port}", "--processes", "1", "--reuse-port"]
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    # Fork with no other thread alive: the log writer could hold stderr's lock (a worker
+    # would then hang on its first line) and its unwritten lines would be written twice.
+    from server.app import setup_logging, stop_logging
+    stop_logging()
+    pids: list[int] = []
+    for i in range(n):
+        pid = os.fork()
+        if pid == 0:                                  # a worker
+            code = 1
+            try:
+                holder.close()
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_DFL)
+                code = serve(worker_argv)
+            except BaseException:                     # noqa: BLE001 — report, then exit
+                log.exception("worker %d failed", i)
+            finally:
+                stop_logging()
+                logging.shutdown()
+                os._exit(code)
+        pids.append(pid)
+    setup_logging(args.log_level)
+    log.info({"event": "supervising", "processes": n, "pids": pids, "port": port,
+              "address": f"{host}:{port}", "database": _redact(args.database)})
+    codes: dict[int, int] = {}
+    forwarded = False
+    failed = False
+    while len(codes) < n:
+        if stop.is_set() and not forwarded:
+            forwarded = True
+            log.info({"event": "stopping workers", "pids": pids})
+            _signal_all(pids, codes, signal.SIGTERM)
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            break
+        if pid == 0:
+            time.sleep(0.05)
+            continue
+        if pid not in pids:
+            continue
+        codes[pid] = os.waitstatus_to_exitcode(status)
+        if not forwarded and not stop.is_set():   # a worker stopped on its own: stop the
+            # rest and report the failure
+            failed = True
+            log.error({"event": "worker exited", "pid": pid, "code": codes[pid]})
+            stop.set()
+    holder.close()
+    ok = not failed and all(c == 0 for c in codes.values())
+    log.info({"event": "stopped", "codes": [codes.get(p) for p in pids]})
+    return 0 if ok else 1
+
+
+def _signal_all(pids: list[int], done: dict[int, int], sig: int) -> None:
+    for pid in pids:
+        if pid not in done:
+            try:
+                os.kill(pid, sig)
+            except ProcessLookupError:
+                pass

@@ -1,0 +1,93 @@
+"""``python -m server --processes N``: workers forked before any server, one port, one ledger."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from reimburse.v1 import settlement_pb2 as st
+from reimburse.v1 import types_pb2 as ty
+from server.client import Client
+from server.ledger.sqlite import SqliteLedger
+from server.ledger.verify import verify
+from service_fixtures import ROOT, ServerProcess, add_facility, add_member, inpatient
+
+
+def _insecure() -> tuple[str, ...]:
+    help_text = subprocess.run([sys.executable, "-m", "server", "--help"], cwd=ROOT,
+                               capture_output=True, text=True, timeout=60).stdout
+    return ("--insecure",) if "--insecure" in help_text.split() else ()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+@pytest.mark.timeout(120)
+def test_two_workers_share_the_port_and_the_ledger_and_drain_on_sigterm(tmp_path):
+    db = tmp_path / "ledger.db"
+    srv = ServerProcess(str(db), "--processes", "2", *_insecure())
+    try:
+        sup = srv.wait_for(lambda r: r.get("event") == "supervising", timeout=30)
+        workers = sup["pids"]
+        assert len(workers) == 2 and srv.proc.pid not in workers
+        srv.wait_for(lambda r: len([x for x in srv.records()
+                                    if x.get("event") == "listening"]) >= 2, timeout=30)
+        ports = {r["port"] for r in srv.records() if r.get("event") == "listening"}
+        assert ports == {srv.port}
+        # several connections: the kernel spreads them over the two workers
+        clients = [Client(srv.target, channel=grpc.insecure_channel(
+            srv.target, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(8)]
+        try:
+            add_facility(clients[0], "H1", ty.FACILITY_LEVEL_1)
+            add_member(clients[0], "M", account_balance_fen=1000)
+            ids = []
+            for k, c in enumerate(clients):
+                r = c.call(c.settlement.Settle, inpatient(f"r{k}", "M", "H1", 300_000,
+                                                          use_personal_account=True))
+                ids.append(r.settlement.settlement_id)
+            for c in clients:           # every settlement visible through every connection
+                for sid in ids:
+                    got = c.call(c.settlement.GetSettlement,
+                                 st.GetSettlementRequest(settlement_id=sid))
+                    assert got.settlement.settlement_id == sid
+            # the same request again, through another connection: a replay
+            r = clients[3].call(clients[3].settlement.Settle,
+                                inpatient("r0", "M", "H1", 300_000, use_personal_account=True))
+            assert r.replayed and r.settlement.settlement_id == ids[0]
+        finally:
+            for c in clients:
+                c.channel.close()
+        assert srv.stop(signal.SIGTERM) == 0
+        end = time.monotonic() + 10
+        while any(_alive(p) for p in workers) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not any(_alive(p) for p in workers)
+        assert len([r for r in srv.records() if r.get("event") == "stopped"]) >= 3
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    ledger = SqliteLedger(db)
+    try:
+        assert len(list(ledger.journal())) == 8
+        assert ledger.get_member("M").account_balance_fen == 0
+        assert verify(ledger) == []
+    finally:
+        ledger.close()
+
+
+def test_several_processes_refuse_a_memory_ledger(tmp_path):
+    p = subprocess.run([sys.executable, "-m", "server", "--listen", "127.0.0.1:0", "--database",
+                        "memory://", "--processes", "2", *_insecure()], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2
+    assert "memory://" in p.stderr

@@ -1,0 +1,108 @@
+"""The people's CLI (``reimburse`` / ``python -m server.cli``) against a real server."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from server.cli import main
+from service_fixtures import memory_server  # noqa: F401
+
+FACILITIES_CSV = """facility_id,level,designated,district,name
+H3,LEVEL_3,,440703,Central Hospital
+P1,LEVEL_1,true,440703,Community clinic
+Y2,LEVEL_2,false,,Private clinic
+"""
+MEMBERS_JSONL = "\n".join(json.dumps(m) for m in [
+    {"member_id": "M1", "identity": "EMPLOYEE", "continuous_since": "2010-01-01",
+     "retired": True, "primary_facility": "P1", "account_balance": "1200.50"},
+    {"member_id": "M2", "identity": "RESIDENT", "continuous_since": "2018-01-01",
+     "groups": ["POVERTY_REGISTERED"], "benefit_end": "2018-12-31"},
+])
+MEMBERS_CSV = """member_id,identity,continuous_since,groups,retired,account_balance
+M3,EMPLOYEE,2015-06-01,POVERTY_REGISTERED;MINIMUM_LIVING,no,10.00
+BAD,EMPLOYEE,2015-06-01,FIVE_GUARANTEE,,
+"""
+CLAIM = {"request_id": "H3-20180305-0001", "member_id": "M1", "facility_id": "H3",
+         "kind": "INPATIENT", "date": "2018-03-05", "use_account": True,
+         "items": [{"category": "A", "amount": "30000.00"},
+                   {"category": "B", "amount": "5000.00", "selfpay_ratio": "0.10"},
+                   {"category": "C", "amount": "2000.00"}]}
+
+
+@pytest.fixture
+def cli(memory_server, tmp_path, capsys):
+    def run(*args: str) -> tuple[int, str, str]:
+        code = main(["--target", memory_server.target, "--insecure", *args])
+        out = capsys.readouterr()
+        return code, out.out, out.err
+    (tmp_path / "facilities.csv").write_text(FACILITIES_CSV, encoding="utf-8")
+    (tmp_path / "members.jsonl").write_text(MEMBERS_JSONL, encoding="utf-8")
+    (tmp_path / "members.csv").write_text(MEMBERS_CSV, encoding="utf-8")
+    (tmp_path / "claim.json").write_text(json.dumps(CLAIM), encoding="utf-8")
+    run.dir = tmp_path
+    return run
+
+
+def test_import_registries_from_csv_and_jsonl(cli, memory_server):
+    assert cli("import", "facilities", str(cli.dir / "facilities.csv"))[:2] == \
+        (0, "imported 3 facilities\n")
+    assert cli("import", "members", str(cli.dir / "members.jsonl"))[0] == 0
+    code, out, err = cli("import", "members", str(cli.dir / "members.csv"))
+    assert code == 1 and "imported 1 members, 1 refused" in out
+    assert "members.csv:3" in err and "FIVE_GUARANTEE" in err
+    ledger = memory_server.ledger
+    assert ledger.get_facility("H3").designated and not ledger.get_facility("Y2").designated
+    assert ledger.get_member("M1").account_balance_fen == 120_050
+    assert ledger.get_member("M3").groups == {"POVERTY_REGISTERED", "MINIMUM_LIVING"}
+
+
+def test_presettle_settle_accumulators_and_reverse(cli, memory_server):
+    cli("import", "facilities", str(cli.dir / "facilities.csv"))
+    cli("import", "members", str(cli.dir / "members.jsonl"))
+    claim = str(cli.dir / "claim.json")
+    code, out, _ = cli("presettle", claim)
+    assert code == 0 and "nothing committed" in out
+    assert "total (medfee_sumamt)" in out and "37000.00" in out
+    assert not list(memory_server.ledger.journal())
+    code, out, _ = cli("settle", claim, "--trace")
+    assert code == 0 and "SETTLED" in out and "trace" in out and "二(四)1(1)" in out
+    assert "personal account (acct_pay)" in out and "1200.50" in out
+    code, out, _ = cli("settle", claim, "--json")
+    reply = json.loads(out)
+    assert reply["replayed"] is True
+    sid = reply["settlement"]["settlement_id"]
+    code, out, _ = cli("accumulators", "M1", "--year", "2018", "--as-of", "2018-03-31")
+    assert code == 0 and "inpatient_tier1" in out and "20220.00" in out
+    code, out, err = cli("reverse", sid, "--facility", "P1")
+    assert code == 1 and "PERMISSION_DENIED" in err
+    code, out, _ = cli("reverse", sid, "--facility", "H3")
+    assert code == 0 and "REVERSED" in out
+    assert memory_server.ledger.get_member("M1").account_balance_fen == 120_050
+    code, out, _ = cli("settlement", sid)
+    assert code == 0 and "REVERSED" in out
+
+
+def test_policy_show_and_registry_lookups(cli):
+    cli("import", "facilities", str(cli.dir / "facilities.csv"))
+    code, out, _ = cli("policy", "show", "--date", "2018-03-01")
+    assert code == 0 and json.loads(out)["version"].startswith("jiangmen/2018-01-01")
+    code, out, _ = cli("facility", "Y2")
+    assert json.loads(out) == {"facility_id": "Y2", "level": "FACILITY_LEVEL_2",
+                               "designated": False, "name": "Private clinic"}
+
+
+def test_a_bad_claim_file_names_the_field(cli):
+    bad = dict(CLAIM, items=[{"category": "A", "amount": "-1"}])
+    (cli.dir / "bad.json").write_text(json.dumps(bad), encoding="utf-8")
+    code, _, err = cli("settle", str(cli.dir / "bad.json"))
+    assert code == 2 and "claim.items[0].amount" in err
+
+
+def test_server_side_field_violations_are_printed(cli):
+    cli("import", "facilities", str(cli.dir / "facilities.csv"))
+    cli("import", "members", str(cli.dir / "members.jsonl"))
+    bad = dict(CLAIM, request_id="x" * 200)
+    (cli.dir / "bad.json").write_text(json.dumps(bad), encoding="utf-8")
+    code, _, err = cli("settle", str(cli.dir / "bad.json"))
+    assert code == 1 and "INVALID_ARGUMENT" in err and "\n  request_id:" in err
