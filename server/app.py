@@ -7,15 +7,11 @@ process concerns: configuration, logging, signals and a graceful drain.
 from __future__ import annotations
 
 import argparse
-import atexit
-import collections
-import json
 import logging
 import os
 import signal
 import sys
 import threading
-import time
 from concurrent import futures
 
 import grpc
@@ -31,6 +27,7 @@ from server.auth import (
 from server.ledger.base import Ledger, open_ledger
 from server.service import Core, PolicyServicer, RegistryServicer, SettlementServicer
 from server.batch import batch_handlers
+from server.logs import setup_logging
 from server.wire import add_echo_service, add_settlement_service
 
 log = logging.getLogger("reimburse.server")
@@ -92,111 +89,6 @@ def open_database(url: str) -> Ledger:
     return open_ledger(url)
 
 
-class JsonFormatter(logging.Formatter):
-    """One JSON object per line; a dict message is merged into it."""
-
-    _second: tuple[int, str] = (-1, "")   # the last second formatted (one line per call)
-
-    def format(self, record: logging.LogRecord) -> str:
-        sec = int(record.created)
-        if self._second[0] != sec:
-            self._second = (sec, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)))
-        out = {"ts": f"{self._second[1]}.{int(record.msecs):03d}Z", "level": record.levelname,
-               "logger": record.name}
-        if isinstance(record.msg, dict):
-            out.update(record.msg)
-        else:
-            out["msg"] = record.getMessage()
-        if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
-        return json.dumps(out, ensure_ascii=False)
-
-
-def setup_logging(level: str) -> None:
-    # The JSON lines use none of these: not collecting them saves a few µs per call (the
-    # logging HOWTO's "Optimization" list).
-    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    logging._srcfile = None
-    root = logging.getLogger()
-    stop_logging()
-    global _LOG_HANDLER
-    _LOG_HANDLER = BufferedLineHandler(sys.stderr)
-    _LOG_HANDLER.setFormatter(JsonFormatter())
-    root.handlers[:] = [_LOG_HANDLER]
-    root.setLevel(level.upper())
-
-
-class BufferedLineHandler(logging.Handler):
-    """Log lines formatted by the thread that logs, written out by one thread every 20 ms.
-
-    One write to stderr per line, under the handler's lock, made the threads serving calls
-    queue behind each other (the GIL is let go during the write and the lock is not): about
-    half of a PreSettle's cost with 16 threads (docs/performance.md). Here a line costs its
-    formatting and a list append; lines reach stderr at most ``interval`` later, and
-    ``stop_logging`` (at exit, in workers before they exit) writes out what is left."""
-
-    def __init__(self, stream, interval: float = 0.02):
-        super().__init__()
-        self.stream, self.interval = stream, interval
-        self._lines: collections.deque[str] = collections.deque()
-        self._stop = threading.Event()
-        self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
-        self._writer.start()
-
-    def handle(self, record: logging.LogRecord) -> bool:
-        # no handler lock: deque.append and popleft are atomic, and format touches no shared
-        # state. (Swapping a list for an empty one could lose a line: one appended to the old
-        # list after the writer had joined it.)
-        if self.filter(record):
-            try:
-                self._lines.append(self.format(record) + "\n")
-            except Exception:  # noqa: BLE001 — logging must never fail a call
-                self.handleError(record)
-            return True
-        return False
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.handle(record)
-
-    def flush(self) -> None:
-        pending, lines = self._lines, []
-        while pending:
-            try:
-                lines.append(pending.popleft())
-            except IndexError:   # another flush took the last one
-                break
-        if lines:
-            try:
-                self.stream.write("".join(lines))
-                self.stream.flush()
-            except (OSError, ValueError):
-                pass
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self.flush()
-        self.flush()
-
-    def close(self) -> None:
-        self._stop.set()
-        if self._writer.is_alive() and threading.current_thread() is not self._writer:
-            self._writer.join(5)
-        self.flush()
-        super().close()
-
-
-_LOG_HANDLER: BufferedLineHandler | None = None
-
-
-def stop_logging() -> None:
-    """Write out every buffered log line and stop the writer thread (at exit, in workers)."""
-    global _LOG_HANDLER
-    if _LOG_HANDLER is not None:
-        handler, _LOG_HANDLER = _LOG_HANDLER, None
-        handler.close()
-
-
-atexit.register(stop_logging)
 
 
 def _env(name: str, default: str) -> str:

@@ -19,7 +19,7 @@ from engine.errors import InvalidInput
 from reimburse.v1 import policy_pb2_grpc, registry_pb2_grpc, settlement_pb2_grpc
 from reimburse.v1 import settlement_pb2 as st
 from reimburse.v1 import types_pb2 as ty
-from server import auth, convert, fastpath, wire
+from server import auth, convert, fastpath, logs, wire
 from server.errors import DeadlinePassed, NotCovered, to_status
 from server.ledger.base import Ledger, MemberRecord, MemberState, Outcome
 from server.views import accumulators_view, policy_view
@@ -29,17 +29,28 @@ log = logging.getLogger("reimburse.rpc")
 STATUS_WIRE = {"SETTLED": ty.SETTLEMENT_STATUS_SETTLED, "REVERSED": ty.SETTLEMENT_STATUS_REVERSED}
 
 
+_LOGGED = ("request_id", "member_id", "facility_id", "settlement_id")
+_NESTED = (("member", "member_id"), ("facility", "facility_id"))
+_FIELDS_OF: dict[type, tuple[tuple[str, ...], tuple[tuple[str, str], ...]]] = {}
+
+
 def _call_fields(request) -> dict:
     """Request id, member and facility of any of our requests, for the log line."""
+    spec = _FIELDS_OF.get(type(request))
+    if spec is None:   # which of the names the request type has, found once per type
+        spec = _FIELDS_OF[type(request)] = (
+            tuple(n for n in _LOGGED if hasattr(request, n)),
+            tuple((w, k) for w, k in _NESTED if hasattr(request, w)))
+    direct, nested = spec
     out = {}
-    for name in ("request_id", "member_id", "facility_id", "settlement_id"):
-        v = getattr(request, name, None)
+    for name in direct:
+        v = getattr(request, name)
         if v:
             out[name] = v
-    for wrapper, key in (("member", "member_id"), ("facility", "facility_id")):
-        inner = getattr(request, wrapper, None)
-        if inner is not None and getattr(inner, key, ""):
-            out[key] = getattr(inner, key)
+    for wrapper, key in nested:
+        v = getattr(getattr(request, wrapper), key, "")
+        if v:
+            out[key] = v
     return out
 
 
@@ -69,7 +80,7 @@ def rpc(method):
                 line["caller"] = str(caller)
             if error:
                 line["error"] = error
-            log.info(line)
+            logs.info(log, line)
     return wrapper
 
 

@@ -78,16 +78,17 @@ def test_a_failed_commit_fails_every_settlement_of_the_group_and_applies_none(tm
     ledger = _ledger(tmp_path)
     try:
         real_commit = ledger._commit
-        failures = []
+        commits = []
 
         def failing_commit(c):
-            if not failures:                   # the group after the held unit's
-                failures.append(1)
+            commits.append(1)
+            if len(commits) == 2:              # the group after the held unit's
                 raise sqlite3.OperationalError("disk I/O error (injected)")
             real_commit(c)
 
+        # in place before the held unit goes: the committer takes the next group at once
+        ledger._commit = failing_commit
         futures = _queue_behind_a_held_unit(ledger, N, lambda k: _settle(ledger, k))
-        ledger._commit = failing_commit        # the held unit committed before this
         errors = []
         for f in futures:
             with pytest.raises(LedgerUnavailable) as e:

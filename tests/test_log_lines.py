@@ -6,7 +6,7 @@ import logging
 import sys
 import threading
 
-from server.app import BufferedLineHandler
+from server.logs import BufferedLineHandler
 
 
 class _Message(logging.Formatter):
