@@ -36,6 +36,7 @@ from reimburse.v1 import types_pb2 as ty
 from server import _wire, convert, fastpath
 from server.errors import NotCovered, code_of
 from server.ledger.base import BatchItem, FacilityRecord, MemberRecord, NotFound, Outcome
+from server.ledger.base import ReferralReversed
 from server.ledger.base import SettleResult
 
 MAX_BATCH = 100_000           # claims per call (the 4 MiB message limit binds first)
@@ -458,6 +459,8 @@ def error_message(i: int, e: BaseException) -> st.ItemError:
         out.field = e.field
     elif isinstance(e, NotCovered):
         out.reason = e.kind
+    elif isinstance(e, ReferralReversed):
+        out.reason = "REFERRAL_REVERSED"
     return out
 
 
@@ -636,9 +639,7 @@ class BatchService:
                     raise InvalidInput("referral_from_settlement_id", f"settlement "
                                        f"{rec.settlement_id!r} is not an inpatient settlement")
                 if rec.status != "SETTLED":
-                    raise NotCovered("REFERRAL_REVERSED", f"settlements/{rec.settlement_id}",
-                                     f"the referring settlement {rec.settlement_id!r} was "
-                                     "reversed")
+                    raise ReferralReversed(rec.settlement_id)
             except InvalidInput as e:
                 batch.refused[i] = InvalidInput(f"requests[{i}].{e.field}", e.problem)
                 continue
@@ -698,10 +699,12 @@ class BatchService:
                 batch.refused[i] = item_error(batch, codes, i, {})
         digests = _wire.request_digests(batch.n, c, batch.member_ids, batch.facility_ids,
                                         batch.request_ids, codes)
+        chain_from = getattr(batch, "chain_from", None) or {}
         items: list[BatchItem | None] = [
             None if codes[i] else BatchItem(batch.facility_ids[c[1][i]], batch.request_ids[i],
                                             digests[i], batch.member_ids[c[0][i]],
-                                            c[3][i] // 10000) for i in range(batch.n)]
+                                            c[3][i] // 10000, chain_from.get(i, ""))
+            for i in range(batch.n)]
         box: dict = {}
 
         def run(state):

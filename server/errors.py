@@ -11,7 +11,9 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from engine.errors import InvalidInput, NoPolicyInForce
-from server.ledger.base import Conflict, Forbidden, LedgerUnavailable, NotFound
+from server.ledger.base import (
+    Conflict, Forbidden, LedgerUnavailable, NotFound, ReferralReversed,
+)
 
 
 class NotCovered(Exception):
@@ -32,6 +34,7 @@ STATUS: dict[type[BaseException], grpc.StatusCode] = {
     NoPolicyInForce: grpc.StatusCode.FAILED_PRECONDITION,
     InvalidInput: grpc.StatusCode.INVALID_ARGUMENT,
     NotCovered: grpc.StatusCode.FAILED_PRECONDITION,
+    ReferralReversed: grpc.StatusCode.FAILED_PRECONDITION,
     NotFound: grpc.StatusCode.NOT_FOUND,
     Conflict: grpc.StatusCode.ALREADY_EXISTS,
     Forbidden: grpc.StatusCode.PERMISSION_DENIED,
@@ -74,6 +77,12 @@ def to_status(e: BaseException) -> grpc.Status | None:
             error_details_pb2.PreconditionFailure.Violation(
                 type=e.kind, subject=e.subject, description=e.reason)]))
         message = e.reason
+    elif isinstance(e, ReferralReversed):   # found so under the member's lock at commit
+        details.append(error_details_pb2.PreconditionFailure(violations=[
+            error_details_pb2.PreconditionFailure.Violation(
+                type="REFERRAL_REVERSED", subject=f"settlements/{e.settlement_id}",
+                description=str(e))]))
+        message = str(e)
     else:
         message = str(e)
     return rpc_status.to_status(status_pb2.Status(

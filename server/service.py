@@ -21,7 +21,7 @@ from reimburse.v1 import settlement_pb2 as st
 from reimburse.v1 import types_pb2 as ty
 from server import auth, convert, fastpath, logs, wire
 from server.errors import DeadlinePassed, NotCovered, to_status
-from server.ledger.base import Ledger, MemberRecord, MemberState, Outcome
+from server.ledger.base import Ledger, MemberRecord, MemberState, Outcome, ReferralReversed
 from server.views import accumulators_view, policy_view
 
 log = logging.getLogger("reimburse.rpc")
@@ -147,8 +147,7 @@ class Core:
             raise InvalidInput(field, f"settlement {rec.settlement_id!r} is not an inpatient "
                                       "settlement")
         if rec.status != "SETTLED":
-            raise NotCovered("REFERRAL_REVERSED", f"settlements/{rec.settlement_id}",
-                             f"the referring settlement {rec.settlement_id!r} was reversed")
+            raise ReferralReversed(rec.settlement_id)   # checked again as it commits
         return rec.chain_deductible_after_fen
 
     def stored(self, rec) -> ty.Settlement:
@@ -187,7 +186,7 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         res = self.core.ledger.settle(
             facility_id=call.facility_id, request_id=call.request_id,
             request_hash=convert.request_hash(request), member_id=call.member_id,
-            year=call.service_date.year,
+            year=call.service_date.year, referral_from=call.referral_from,
             evaluate=lambda state: self.core.evaluate(call, level, chain, state)[0])
         rec = res.record   # the stored reply as is, its id and status appended (server.wire)
         return wire.settlement_response(rec.result, rec.settlement_id, rec.status,

@@ -5,7 +5,7 @@ import pytest
 
 from ledger_fixtures import *  # noqa: F401,F403  (fixtures: backend, pg_database)
 from ledger_fixtures import YEAR, facility, member, paying
-from server.ledger.base import BatchItem, Conflict, MemberState, NotFound
+from server.ledger.base import BatchItem, Conflict, MemberState, NotFound, ReferralReversed
 from server.ledger.memory import MemoryLedger
 from server.ledger.verify import verify
 
@@ -88,3 +88,23 @@ def test_a_batch_commits_its_new_items_together_and_replays_the_others(ledger):
     assert [getattr(r, "created", None) for r in again] == \
         [False, False, None, False, False, None, None, None, False]
     assert len(list(ledger.journal())) == 4
+
+
+def test_an_item_referred_from_a_reversed_settlement_is_refused_alone(ledger):
+    global ITEMS
+    src = ledger.settle(facility_id="F1", request_id="src", request_hash="h", member_id="M1",
+                        year=YEAR, evaluate=paying(70, 1000)).record
+    standing = ledger.settle(facility_id="F1", request_id="src2", request_hash="h",
+                             member_id="M1", year=YEAR, evaluate=paying(70, 1000)).record
+    ledger.reverse(settlement_id=src.settlement_id, facility_id="F1")
+    ITEMS = [BatchItem("F1", "a", "h", "M1", YEAR, src.settlement_id),
+             BatchItem("F1", "b", "h", "M1", YEAR, standing.settlement_id),
+             BatchItem("F1", "c", "h", "M2", YEAR)]
+    gone, kept, other = ledger.settle_batch(ITEMS, _evaluate(account=0))
+    assert isinstance(gone, ReferralReversed) and gone.settlement_id == src.settlement_id
+    assert kept.created and other.created
+    # M1: src2 (70) and b (70); src was reversed and a committed nothing
+    assert ledger.accumulators("M1", YEAR).paid == {"T1": 140}
+    assert sorted(r.request_id for r in ledger.journal()) == ["b", "c", "src", "src2"]
+    if hasattr(ledger, "audit"):
+        assert verify(ledger) == []

@@ -12,7 +12,7 @@ import pytest
 from engine.model import Accumulators
 from ledger_fixtures import *  # noqa: F401,F403  (fixtures: backend, pg_database)
 from ledger_fixtures import YEAR, dump, facility, member, money, paying
-from server.ledger.base import Conflict, Forbidden, NotFound, Outcome
+from server.ledger.base import Conflict, Forbidden, NotFound, Outcome, ReferralReversed
 from server.ledger.schema import VERSION
 from server.ledger.verify import main as verify_main, verify
 
@@ -187,6 +187,30 @@ def test_reverse_restores_accumulators_and_balance_exactly(backend, ledger):
     assert dump(backend) == after
     # the freed cap is usable again
     assert settle(ledger, "d", paying(900, 1000)).record.deltas == {"T1": (700, 900)}
+    assert verify(ledger) == []
+
+
+def test_a_referral_whose_source_is_reversed_before_it_commits_is_refused_and_commits_nothing(
+        backend, ledger):
+    # The service checks the referring settlement when it reads the request; a reversal may
+    # come between that read and the commit. The ledger checks again under the member's lock.
+    src = settle(ledger, "src", paying(300, 1000)).record
+    ledger.reverse(settlement_id=src.settlement_id, facility_id="F1")
+    before = dump(backend)
+    calls: list = []
+    with pytest.raises(ReferralReversed) as e:
+        ledger.settle(facility_id="F1", request_id="ref", request_hash="h", member_id="M1",
+                      year=YEAR, evaluate=paying(100, 1000, calls=calls),
+                      referral_from=src.settlement_id)
+    assert e.value.settlement_id == src.settlement_id
+    assert calls == [] and dump(backend) == before
+    # a referral from a settlement that stands, or from another member's, is the caller's
+    # check (the service's); here: one that stands settles
+    standing = settle(ledger, "src2", paying(300, 1000)).record
+    got = ledger.settle(facility_id="F1", request_id="ref", request_hash="h", member_id="M1",
+                        year=YEAR, evaluate=paying(100, 1000),
+                        referral_from=standing.settlement_id)
+    assert got.created and ledger.accumulators("M1", YEAR).paid == {"T1": 400}
     assert verify(ledger) == []
 
 

@@ -12,7 +12,9 @@ from reimburse.v1 import policy_pb2 as pol
 from reimburse.v1 import registry_pb2 as reg
 from reimburse.v1 import settlement_pb2 as st
 from reimburse.v1 import types_pb2 as ty
+from server.ledger.sqlite import SqliteLedger
 from service_fixtures import add_facility, add_member, d, inpatient, any_server  # noqa: F401
+from service_fixtures import running_server
 
 
 @pytest.fixture
@@ -235,3 +237,35 @@ def test_a_settle_whose_deadline_passed_settles_nothing(svc):
         servicer.Settle(inpatient("late", "M1", "H3", 1_000_000), _ExpiredContext())
     assert e.value.args[0] == grpc.StatusCode.DEADLINE_EXCEEDED
     assert not list(svc.ledger.journal())
+
+
+class _ReversedMeanwhile(SqliteLedger):
+    """A reversal of the referring admission lands between the service's check of the
+    referral (when it reads the request) and the referred claim's commit."""
+
+    source: tuple[str, str] | None = None      # (settlement id, facility id)
+
+    def settle(self, **kw):
+        if kw.get("referral_from") and self.source:
+            self.reverse(settlement_id=self.source[0], facility_id=self.source[1])
+        return super().settle(**kw)
+
+
+def test_a_referral_whose_source_is_reversed_before_the_commit_is_failed_precondition(tmp_path):
+    ledger = _ReversedMeanwhile(tmp_path / "ledger.db")
+    with running_server(ledger) as r:
+        c = r.client
+        add_facility(c, "H2", ty.FACILITY_LEVEL_2)
+        add_facility(c, "H3", ty.FACILITY_LEVEL_3)
+        add_member(c, "M1")
+        first = c.call(c.settlement.Settle, inpatient("r1", "M1", "H2", 400_000)).settlement
+        ledger.source = (first.settlement_id, "H2")
+        e = refusal(c.settlement.Settle, inpatient(
+            "r2", "M1", "H3", 400_000, referral_from_settlement_id=first.settlement_id))
+        assert e.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"the referring settlement {first.settlement_id!r} was reversed" in e.details()
+        [v] = violations(e, error_details_pb2.PreconditionFailure)[0].violations
+        assert (v.type, v.subject) == ("REFERRAL_REVERSED", f"settlements/{first.settlement_id}")
+        # the referred claim left nothing: one settlement, reversed, and empty accumulators
+        assert [(s.request_id, s.status) for s in ledger.journal()] == [("r1", "REVERSED")]
+        assert ledger.accumulators("M1", 2018).paid == {}

@@ -30,6 +30,15 @@ class Forbidden(LedgerError):
     """An operation on another facility's settlement."""
 
 
+class ReferralReversed(LedgerError):
+    """The admission a claim was referred from is no longer SETTLED when the claim commits
+    (reversed meanwhile): its deductible chain no longer stands."""
+
+    def __init__(self, settlement_id: str):
+        self.settlement_id = settlement_id
+        super().__init__(f"the referring settlement {settlement_id!r} was reversed")
+
+
 class LedgerUnavailable(LedgerError):
     """The database could not commit (I/O error, full disk, lock not obtained): nothing of the
     call was committed, and resending it (same request id) is safe."""
@@ -116,6 +125,7 @@ class BatchItem:
     request_hash: str
     member_id: str
     year: int
+    referral_from: str = ""          # the referring settlement, checked as in ``settle``
 
 
 @dataclass
@@ -166,11 +176,15 @@ class Ledger(Protocol):
         ...
 
     def settle(self, *, facility_id: str, request_id: str, request_hash: str, member_id: str,
-               year: int, evaluate: Callable[[MemberState], Outcome]) -> SettleResult:
+               year: int, evaluate: Callable[[MemberState], Outcome],
+               referral_from: str = "") -> SettleResult:
         """In one transaction under the member's row lock: if (facility, request id) exists,
         return it (``created=False``; ``Conflict`` when ``request_hash`` differs); else read the
         member-year state, call ``evaluate``, append the journal row, add the deltas to the
-        accumulators, debit the account, commit. An exception from ``evaluate`` rolls back."""
+        accumulators, debit the account, commit. An exception from ``evaluate`` rolls back.
+        ``referral_from``: the same member's settlement this claim's deductible chain comes
+        from; unless it is still SETTLED under the lock (a reversal takes the same lock),
+        ``ReferralReversed`` and nothing is committed."""
         ...
 
     def settle_batch(self, items: "list[BatchItem | None]",

@@ -16,6 +16,7 @@ from typing import Callable, Iterator
 from engine.model import Accumulators
 from server.ledger.base import (
     Conflict, FacilityRecord, Forbidden, MemberRecord, MemberState, NotFound, Outcome,
+    ReferralReversed,
     SettleResult, SettlementRecord, replay_or_conflict, resolve_repeats,
 )
 
@@ -77,7 +78,8 @@ class MemoryLedger:
         return found
 
     def settle(self, *, facility_id: str, request_id: str, request_hash: str, member_id: str,
-               year: int, evaluate: Callable[[MemberState], Outcome]) -> SettleResult:
+               year: int, evaluate: Callable[[MemberState], Outcome],
+               referral_from: str = "") -> SettleResult:
         with self._member_lock(member_id):
             with self._lock:
                 found = self._existing(facility_id, request_id, request_hash)
@@ -85,6 +87,8 @@ class MemoryLedger:
                     return found
                 if member_id not in self._members:
                     raise NotFound(f"member {member_id!r} is not registered")
+                if referral_from:
+                    self._check_referral(member_id, referral_from)
                 member = self._members[member_id]
                 paid, base = self._acc.get((member_id, year), ({}, {}))
                 state = MemberState(member, Accumulators(year, dict(paid), dict(base)),
@@ -109,6 +113,12 @@ class MemoryLedger:
                 self._journal[rec.settlement_id] = rec
                 self._by_request[(facility_id, request_id)] = rec.settlement_id
                 return SettleResult(rec, created=True)
+
+    def _check_referral(self, member_id: str, settlement_id: str) -> None:
+        """Under the member's lock (a reversal takes it too): the referring settlement stands."""
+        rec = self._journal.get(settlement_id)
+        if rec is None or rec.member_id != member_id or rec.status != "SETTLED":
+            raise ReferralReversed(settlement_id)
 
     def settle_batch(self, items, evaluate):
         """``base.Ledger.settle_batch``: the members' locks in id order, then as ``settle``."""
@@ -138,8 +148,13 @@ class MemoryLedger:
                         continue
                     if found is not None:
                         results[i] = found
-                    else:
+                        continue
+                    try:
+                        if it.referral_from and it.member_id in self._members:
+                            self._check_referral(it.member_id, it.referral_from)
                         new[i] = True
+                    except ReferralReversed as e:
+                        results[i] = e
                 members = {it.member_id: self._members.get(it.member_id)
                            for i, it in enumerate(items) if new[i]}
                 acc = {}

@@ -32,7 +32,7 @@ from typing import Any, Callable, Iterator, Mapping
 from engine.model import Accumulators
 from server.ledger.base import (
     BatchItem, BatchState, Conflict, FacilityRecord, Forbidden, MemberRecord, MemberState, NotFound, Outcome,
-    SettleResult, SettlementRecord, replay_or_conflict, resolve_repeats,
+    ReferralReversed, SettleResult, SettlementRecord, replay_or_conflict, resolve_repeats,
 )
 from server.ledger import schema
 
@@ -300,7 +300,8 @@ class SqlLedger:
 
     # --- settlement -------------------------------------------------------------------------
     def settle(self, *, facility_id: str, request_id: str, request_hash: str, member_id: str,
-               year: int, evaluate: Callable[[MemberState], Outcome]) -> SettleResult:
+               year: int, evaluate: Callable[[MemberState], Outcome],
+               referral_from: str = "") -> SettleResult:
         # Replays need no lock: a committed key never changes its settlement.
         found = self._run(lambda cur: self._by_request(cur, facility_id, request_id,
                                                        request_hash), "read")
@@ -315,6 +316,8 @@ class SqlLedger:
             if found is not None:
                 return found
             member, seq = self._member(row), int(row[13])
+            if referral_from:
+                self._check_referral(cur, member_id, referral_from)
             if self._x(cur, "SELECT 1 FROM facilities WHERE facility_id = ?",
                        (facility_id,)).fetchone() is None:
                 raise NotFound(f"facility {facility_id!r} is not registered")
@@ -343,6 +346,12 @@ class SqlLedger:
                            rec.settlement_id, balance - rec.account_paid_fen, now)
             return SettleResult(rec, created=True)
         return self._run(body)
+
+    def _check_referral(self, cur, member_id: str, settlement_id: str) -> None:
+        """Under the member's lock: the referring settlement still stands."""
+        if self._x(cur, "SELECT 1 FROM settlements WHERE settlement_id = ? AND member_id = ? "
+                        "AND status = 'SETTLED'", (settlement_id, member_id)).fetchone() is None:
+            raise ReferralReversed(settlement_id)
 
     def settle_batch(self, items: list[BatchItem | None],
                      evaluate: Callable[[BatchState], list]) -> list:
@@ -385,6 +394,12 @@ class SqlLedger:
                     rows[r[0]] = r
             members = {mid: self._member(rows[mid]) if mid in rows else None
                        for mid in member_ids}
+            for i, it in enumerate(items):           # under the locks, as settle does
+                if new[i] and it.referral_from and it.member_id in rows:
+                    try:
+                        self._check_referral(cur, it.member_id, it.referral_from)
+                    except ReferralReversed as e:
+                        new[i], results[i] = False, e
             fids = sorted({it.facility_id for i, it in enumerate(items) if new[i]})
             facilities = set()
             for chunk in _chunks(fids):
