@@ -58,6 +58,10 @@ class Audit:
     # ^ member, seq, kind, amount, settlement id, balance after
 
 
+# json.dumps(obj, sort_keys=True) builds an encoder per call; one, made once, says the same
+_SORTED_JSON = json.JSONEncoder(sort_keys=True).encode
+
+
 def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -111,7 +115,7 @@ class SqlLedger:
     def enc_date(self, d: date | None) -> Any: return d
     def dec_date(self, v: Any) -> date | None: return v
     def enc_bool(self, b: bool) -> Any: return bool(b)
-    def enc_json(self, obj: Any) -> Any: return json.dumps(obj, sort_keys=True)
+    def enc_json(self, obj: Any) -> Any: return _SORTED_JSON(obj)
     def dec_json(self, v: Any) -> Any: return v
     def enc_ts(self, t: datetime | None) -> Any: return t
     def dec_ts(self, v: Any) -> datetime | None: return v
