@@ -36,8 +36,7 @@ from reimburse.v1 import types_pb2 as ty
 from server import _wire, convert, fastpath
 from server.errors import NotCovered, code_of
 from server.ledger.base import BatchItem, FacilityRecord, MemberRecord, NotFound, Outcome
-from server.ledger.base import ReferralReversed
-from server.ledger.base import SettleResult
+from server.ledger.base import ReferralReversed, SettleResult
 
 MAX_BATCH = 100_000           # claims per call (the 4 MiB message limit binds first)
 MAX_YEARS = 50                # years one batch may span
@@ -457,10 +456,8 @@ def error_message(i: int, e: BaseException) -> st.ItemError:
         out.reason = "NO_POLICY_IN_FORCE"
     elif isinstance(e, InvalidInput):
         out.field = e.field
-    elif isinstance(e, NotCovered):
+    elif isinstance(e, (NotCovered, ReferralReversed)):
         out.reason = e.kind
-    elif isinstance(e, ReferralReversed):
-        out.reason = "REFERRAL_REVERSED"
     return out
 
 

@@ -80,7 +80,7 @@ def to_status(e: BaseException) -> grpc.Status | None:
     elif isinstance(e, ReferralReversed):   # found so under the member's lock at commit
         details.append(error_details_pb2.PreconditionFailure(violations=[
             error_details_pb2.PreconditionFailure.Violation(
-                type="REFERRAL_REVERSED", subject=f"settlements/{e.settlement_id}",
+                type=e.kind, subject=f"settlements/{e.settlement_id}",
                 description=str(e))]))
         message = str(e)
     else:

@@ -204,8 +204,7 @@ def test_a_referral_whose_source_is_reversed_before_it_commits_is_refused_and_co
                       referral_from=src.settlement_id)
     assert e.value.settlement_id == src.settlement_id
     assert calls == [] and dump(backend) == before
-    # a referral from a settlement that stands, or from another member's, is the caller's
-    # check (the service's); here: one that stands settles
+    # a referral from a settlement that stands settles
     standing = settle(ledger, "src2", paying(300, 1000)).record
     got = ledger.settle(facility_id="F1", request_id="ref", request_hash="h", member_id="M1",
                         year=YEAR, evaluate=paying(100, 1000),

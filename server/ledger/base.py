@@ -34,6 +34,8 @@ class ReferralReversed(LedgerError):
     """The admission a claim was referred from is no longer SETTLED when the claim commits
     (reversed meanwhile): its deductible chain no longer stands."""
 
+    kind = "REFERRAL_REVERSED"         # the reason clients see (PreconditionFailure type)
+
     def __init__(self, settlement_id: str):
         self.settlement_id = settlement_id
         super().__init__(f"the referring settlement {settlement_id!r} was reversed")

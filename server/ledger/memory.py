@@ -16,8 +16,7 @@ from typing import Callable, Iterator
 from engine.model import Accumulators
 from server.ledger.base import (
     Conflict, FacilityRecord, Forbidden, MemberRecord, MemberState, NotFound, Outcome,
-    ReferralReversed,
-    SettleResult, SettlementRecord, replay_or_conflict, resolve_repeats,
+    ReferralReversed, SettleResult, SettlementRecord, replay_or_conflict, resolve_repeats,
 )
 
 
