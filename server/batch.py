@@ -93,6 +93,9 @@ class Batch:
     referral: array = field(default_factory=lambda: _EMPTY)
     refused: dict[int, BaseException] = field(default_factory=dict)
     prefix: str = "claims"       # field names in errors: claims.total_fen[3] / requests[3]...
+    # the requests form's referrals (claim index -> referring settlement id), resolved against
+    # the ledger by the servicer and checked again by it as the batch commits
+    chain_from: dict[int, str] = field(default_factory=dict)
 
 
 def decode(data: bytes, *, settle: bool) -> Batch:
@@ -164,9 +167,8 @@ def _from_requests(reqs, settle: bool) -> Batch:
         cols[9][i] = r.year * 10000 + r.month * 100 + r.day if r else 0
         if call.referral_from:
             chain_from[i] = call.referral_from
-    batch = Batch(n, list(mids), list(fids), rids, cols, refused=refused, prefix="requests")
-    batch.chain_from = chain_from        # resolved against the ledger by the servicer
-    return batch
+    return Batch(n, list(mids), list(fids), rids, cols, refused=refused, prefix="requests",
+                 chain_from=chain_from)
 
 
 def request_hash(batch: Batch, i: int) -> str:
@@ -618,7 +620,7 @@ class BatchService:
 
     def _chains(self, batch: Batch) -> None:
         """Referral chains of the requests form (resolved like Settle's, per item)."""
-        chain_from = getattr(batch, "chain_from", None)
+        chain_from = batch.chain_from
         if not chain_from:
             return
         batch.chain = array("q", bytes(8 * batch.n))
@@ -696,7 +698,7 @@ class BatchService:
                 batch.refused[i] = item_error(batch, codes, i, {})
         digests = _wire.request_digests(batch.n, c, batch.member_ids, batch.facility_ids,
                                         batch.request_ids, codes)
-        chain_from = getattr(batch, "chain_from", None) or {}
+        chain_from = batch.chain_from
         items: list[BatchItem | None] = [
             None if codes[i] else BatchItem(batch.facility_ids[c[1][i]], batch.request_ids[i],
                                             digests[i], batch.member_ids[c[0][i]],

@@ -56,6 +56,12 @@ def _pack(msg) -> any_pb2.Any:
     return a
 
 
+def _precondition(kind: str, subject: str, description: str):
+    return error_details_pb2.PreconditionFailure(violations=[
+        error_details_pb2.PreconditionFailure.Violation(
+            type=kind, subject=subject, description=description)])
+
+
 def to_status(e: BaseException) -> grpc.Status | None:
     """The rich status for a domain error, or None for anything else (a server bug)."""
     code = code_of(e)
@@ -64,25 +70,18 @@ def to_status(e: BaseException) -> grpc.Status | None:
     details = []
     if isinstance(e, NoPolicyInForce):
         field = "service_date" if e.field == "date" else e.field
-        details.append(error_details_pb2.PreconditionFailure(violations=[
-            error_details_pb2.PreconditionFailure.Violation(
-                type="NO_POLICY_IN_FORCE", subject=field, description=e.problem)]))
+        details.append(_precondition("NO_POLICY_IN_FORCE", field, e.problem))
         message = f"no policy in force: {e.problem}"
     elif isinstance(e, InvalidInput):
         details.append(error_details_pb2.BadRequest(field_violations=[
             error_details_pb2.BadRequest.FieldViolation(field=e.field, description=e.problem)]))
         message = f"{e.field}: {e.problem}"
     elif isinstance(e, NotCovered):
-        details.append(error_details_pb2.PreconditionFailure(violations=[
-            error_details_pb2.PreconditionFailure.Violation(
-                type=e.kind, subject=e.subject, description=e.reason)]))
+        details.append(_precondition(e.kind, e.subject, e.reason))
         message = e.reason
-    elif isinstance(e, ReferralReversed):   # found so under the member's lock at commit
-        details.append(error_details_pb2.PreconditionFailure(violations=[
-            error_details_pb2.PreconditionFailure.Violation(
-                type=e.kind, subject=f"settlements/{e.settlement_id}",
-                description=str(e))]))
+    elif isinstance(e, ReferralReversed):
         message = str(e)
+        details.append(_precondition(e.kind, f"settlements/{e.settlement_id}", message))
     else:
         message = str(e)
     return rpc_status.to_status(status_pb2.Status(

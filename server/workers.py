@@ -31,6 +31,8 @@ import threading
 import time
 from typing import Callable
 
+from server.logs import setup_logging, stop_logging
+
 log = logging.getLogger("reimburse.server")
 
 
@@ -81,7 +83,6 @@ def supervise(args: argparse.Namespace, argv: list[str],
         signal.signal(sig, lambda signum, frame: stop.set())
     # Fork with no other thread alive: the log writer could hold stderr's lock (a worker
     # would then hang on its first line) and its unwritten lines would be written twice.
-    from server.logs import setup_logging, stop_logging
     stop_logging()
     pids: list[int] = []
     for i in range(n):
