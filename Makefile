@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 LISTEN ?= 127.0.0.1:50051
 DATABASE ?= reimburse.db
-BUILD_INPUTS := pyproject.toml setup.py $(wildcard engine/*.pyx engine/*.pxd proto/*/*/*.proto)
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard engine/*.pyx engine/*.pxd server/*.pyx proto/*/*/*.proto)
 
 .PHONY: install serve test bench load conformance clean
 
@@ -34,4 +34,4 @@ load: install
 	$(PY) -m benchmarks.load --spawn --modes echo,presettle,settle,batch-presettle,batch-settle --duration 5
 
 clean:
-	rm -rf build *.egg-info engine/_kernel.c engine/*.so reimburse $(VENV)
+	rm -rf build *.egg-info engine/_kernel.c engine/*.so server/_wire.c server/*.so reimburse $(VENV)

@@ -15,6 +15,7 @@ from libc.stdint cimport int64_t, uint64_t
 from libc.stdlib cimport malloc, realloc, free
 from libc.string cimport memcpy
 from cpython cimport array
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize
 import array as _array
 
 from engine._kernel cimport (
@@ -24,6 +25,7 @@ from engine._kernel cimport (
     O_BALANCE_AFTER, O_CHAIN_AFTER, O_APPLIED, O_LAYERS, NO_VALUE,
 )
 from engine.claims import MAX_FEN as _MAX_FEN
+from engine.kernel import zeros as _zeros
 
 cdef int64_t MAX_FEN = _MAX_FEN
 
@@ -190,7 +192,7 @@ def decode_batch(const unsigned char[::1] data):
                     raise WireError(f"bad claims field {field}")
         cols = []
         for k in range(N_INT):
-            a = _array.array("q", bytes(8 * vecs[k].n))
+            a = _zeros(vecs[k].n)
             if vecs[k].n:
                 memcpy((<array.array> a).data.as_voidptr, vecs[k].data, 8 * vecs[k].n)
             cols.append(a)
@@ -239,6 +241,70 @@ def date_ordinal(int64_t yyyymmdd):
 
 cdef inline int64_t col(const int64_t[::1] a, Py_ssize_t i) noexcept nogil:
     return a[i] if a.shape[0] else 0
+
+
+cdef inline int64_t date_ord(object d):
+    return ordinal(d.year, d.month, d.day)
+
+
+def member_table(list members, dict fidx, dict regions, dict identity_bits, dict group_bits,
+                 int64_t retired_bit, int64_t maternity_bit, int64_t[::1] ok, int64_t[::1] mask,
+                 int64_t[::1] since, int64_t[::1] since_ym, int64_t[::1] bstart,
+                 int64_t[::1] bend, int64_t[::1] primary, int64_t[::1] other,
+                 int64_t[::1] region, int64_t[::1] balance):
+    """build_rows' per-member tables from MemberRecords (None: not registered): the facts
+    mask (engine.kernel.member_facts), date ordinals (0: no benefit bound), the primary and
+    other facility as indices of the batch's facility table (``fidx``, -1: none or not in
+    it), the region as an index into ``regions`` (filled as new ones are met)."""
+    cdef Py_ssize_t k
+    cdef int64_t bits
+    for k in range(len(members)):
+        m = members[k]
+        if m is None:
+            continue
+        ok[k] = 1
+        bits = identity_bits.get(m.identity, 0)
+        for g in m.groups:
+            bits |= <int64_t> group_bits[g]
+        if m.retired:
+            bits |= retired_bit
+        if m.maternity_eligible:
+            bits |= maternity_bit
+        mask[k] = bits
+        d = m.continuous_since
+        since[k] = date_ord(d)
+        since_ym[k] = <int64_t> d.year * 12 + <int64_t> d.month
+        d = m.benefit_start
+        bstart[k] = date_ord(d) if d is not None else 0
+        d = m.benefit_end
+        bend[k] = date_ord(d) if d is not None else 0
+        f = m.primary_facility
+        primary[k] = fidx.get(f, -1) if f else -1
+        f = m.other_facility
+        other[k] = fidx.get(f, -1) if f else -1
+        r = m.region
+        got = regions.get(r)
+        if got is None:
+            got = regions[r] = len(regions)
+        region[k] = got
+        balance[k] = m.account_balance_fen
+
+
+def first_bad_id(list ids, Py_ssize_t max_len):
+    """The index of the first id that convert.check_id refuses (empty, longer than
+    ``max_len``, not printable, or with leading or trailing white space), or -1."""
+    cdef Py_ssize_t k, n
+    cdef str v
+    cdef Py_UCS4 ch
+    for k in range(len(ids)):
+        v = ids[k]
+        n = len(v)
+        if n == 0 or n > max_len or v[0].isspace() or v[n - 1].isspace():
+            return k
+        for ch in v:
+            if not ch.isprintable():
+                return k
+    return -1
 
 
 def build_rows(Py_ssize_t n, list cols, const int64_t[::1] chain, const int64_t[::1] referral,
@@ -424,10 +490,10 @@ def gather_results(Py_ssize_t n, const int64_t[::1] out, Py_ssize_t osz,
     cdef Py_ssize_t i, l, nl, m = 0, total_layers = 0
     cdef const int64_t* o
     cdef int64_t applied, cap
-    vals = [_array.array("q", bytes(8 * n)) for _ in range(8)]
+    vals = [_zeros(n) for _ in range(8)]
     cdef int64_t[::1] v0 = vals[0], v1 = vals[1], v2 = vals[2], v3 = vals[3]
     cdef int64_t[::1] v4 = vals[4], v5 = vals[5], v6 = vals[6], v7 = vals[7]
-    counts = _array.array("q", bytes(8 * n))
+    counts = _zeros(n)
     cdef int64_t[::1] cnt = counts
     for i in range(n):
         if codes[i] == 0:
@@ -439,9 +505,9 @@ def gather_results(Py_ssize_t n, const int64_t[::1] out, Py_ssize_t osz,
             while applied:
                 total_layers += applied & 1
                 applied >>= 1
-    layer = _array.array("q", bytes(8 * total_layers))
-    amount = _array.array("q", bytes(8 * total_layers))
-    capr = _array.array("q", bytes(8 * total_layers))
+    layer = _zeros(total_layers)
+    amount = _zeros(total_layers)
+    capr = _zeros(total_layers)
     cdef int64_t[::1] ly = layer, am = amount, cp = capr
     with nogil:
         for i in range(n):
@@ -479,31 +545,35 @@ cdef inline Py_ssize_t put_varint(unsigned char* p, uint64_t v) noexcept nogil:
     return k + 1
 
 
+cdef inline Py_ssize_t varint_size(uint64_t v) noexcept nogil:
+    cdef Py_ssize_t k = 1
+    while v > 0x7F:
+        v >>= 7
+        k += 1
+    return k
+
+
 def packed(int field, const int64_t[::1] values):
     """A packed repeated varint field (int64, int32, uint32, bool, enum) as bytes; b"" when
-    empty (proto3 leaves empty repeated fields out)."""
+    empty (proto3 leaves empty repeated fields out). Written straight into the bytes object."""
     cdef Py_ssize_t n = values.shape[0], i, size = 0, head
-    cdef unsigned char tmp[10]
-    cdef unsigned char* buf
+    cdef unsigned char tmp[20]
+    cdef unsigned char* p
     if n == 0:
         return b""
     with nogil:
         for i in range(n):
-            size += put_varint(tmp, <uint64_t> values[i])
-    buf = <unsigned char*> malloc(size + 20)
-    if buf == NULL:
-        raise MemoryError()
-    try:
-        head = put_varint(buf, (<uint64_t> field << 3) | 2)
-        head += put_varint(buf + head, <uint64_t> size)
-        i = 0
-        with nogil:
-            size = head
-            for i in range(n):
-                size += put_varint(buf + size, <uint64_t> values[i])
-        return (<char*> buf)[:size]
-    finally:
-        free(buf)
+            size += varint_size(<uint64_t> values[i])
+    head = put_varint(tmp, (<uint64_t> field << 3) | 2)
+    head += put_varint(tmp + head, <uint64_t> size)
+    out = PyBytes_FromStringAndSize(NULL, head + size)
+    p = <unsigned char*> PyBytes_AS_STRING(out)
+    memcpy(p, tmp, head)
+    p += head
+    with nogil:
+        for i in range(n):
+            p += put_varint(p, <uint64_t> values[i])
+    return out
 
 
 def strings(int field, list values):
@@ -651,6 +721,178 @@ def request_digests(Py_ssize_t n, list cols, list member_ids, list facility_ids,
         k += put_field_varint(fixed + k, 13, flags & 1)
         out[i] = sha256(head + (<char*> fixed)[:k]).hexdigest()
     return out
+
+
+cdef inline Py_ssize_t put_key(unsigned char* p, int field, int wire) noexcept nogil:
+    return put_varint(p, <uint64_t> ((field << 3) | wire))
+
+
+cdef inline Py_ssize_t put_bytes(unsigned char* p, int field, const unsigned char* data,
+                                 Py_ssize_t size) noexcept nogil:
+    """A length-delimited field; nothing for an empty string (proto3's default)."""
+    cdef Py_ssize_t k
+    if size == 0:
+        return 0
+    k = put_key(p, field, 2)
+    k += put_varint(p + k, <uint64_t> size)
+    memcpy(p + k, data, size)
+    return k + size
+
+
+cdef inline Py_ssize_t put_sub(unsigned char* p, int field, const unsigned char* body,
+                               Py_ssize_t size) noexcept nogil:
+    """A submessage field, written even when empty (a message field that is set)."""
+    cdef Py_ssize_t k = put_key(p, field, 2)
+    k += put_varint(p + k, <uint64_t> size)
+    memcpy(p + k, body, size)
+    return k + size
+
+
+cdef enum:
+    MAX_PLAN_LAYERS = 64
+
+
+def stored_settlements(Py_ssize_t n, list cols, const int64_t[::1] out, Py_ssize_t osz,
+                       const int64_t[::1] codes, const int64_t[::1] policy,
+                       const int64_t[::1] select, list plans,
+                       list request_ids, list member_ids, list facility_ids,
+                       const int64_t[::1] m_identity):
+    """The stored ``Settlement`` (bytes) and the accumulator deltas of every claim settled
+    (code 0, kernel status 0) with ``select[i]`` set, from the kernel's output rows: what ``server.batch.outcome`` built as
+    a message, encoded as upb encodes it (fields in number order, proto3 defaults left out,
+    service_date and breakdown always present, cap_remaining_fen present when the layer has
+    a cap). ``plans[p]``: (version, layers, layer ids), ``layers`` a list of
+    (layer_id, Fund enum, fund code) as UTF-8 bytes and int. Returns two lists of n: bytes
+    or None, and {layer id: (amount, added)} for the layers that paid or counted something."""
+    cdef const int64_t[::1] c_member = cols[0], c_facility = cols[1], c_kind = cols[2]
+    cdef const int64_t[::1] c_date = cols[3], c_total = cols[4], c_fsp = cols[5]
+    cdef const int64_t[::1] c_olim = cols[6], c_psp = cols[7], c_flags = cols[8]
+    cdef Py_ssize_t i, li, nl, k, b, j, size, cap_size = 0, n_codes, nf
+    cdef const int64_t* o
+    cdef int64_t applied, amount, cap, added
+    cdef unsigned char body[160]
+    cdef unsigned char* sub = NULL
+    cdef unsigned char* buf = NULL
+    cdef Py_ssize_t sub_size = 64
+    cdef int code_of[MAX_PLAN_LAYERS]
+    cdef int order[MAX_PLAN_LAYERS]
+    cdef int64_t fund_amount[MAX_PLAN_LAYERS]
+    cdef int fund_enum[MAX_PLAN_LAYERS]
+    cdef list msgs = [None] * n, deltas = [None] * n
+    cdef bytes rid, mid, fid, version, lid_b, code_b
+    ids_m = [x.encode("utf-8") for x in member_ids]
+    ids_f = [x.encode("utf-8") for x in facility_ids]
+    # per plan: version, layers, the fund-code index of each layer, the distinct codes
+    prepared = []
+    for version_s, layers, lids in plans:
+        fund_codes = []
+        index = []
+        for lid_b, fund, code_b in layers:
+            if code_b not in fund_codes:
+                fund_codes.append(code_b)
+            index.append(fund_codes.index(code_b))
+            sub_size = max(sub_size, 64 + len(lid_b) + len(code_b))
+        if len(layers) > MAX_PLAN_LAYERS:
+            raise ValueError(f"a policy of more than {MAX_PLAN_LAYERS} layers")
+        prepared.append((version_s.encode("utf-8"), layers, lids, index, fund_codes))
+    sub = <unsigned char*> malloc(sub_size)
+    if sub == NULL:
+        raise MemoryError()
+    try:
+        for i in range(n):
+            o = &out[i * osz]
+            if not select[i] or codes[i] or o[O_STATUS]:
+                continue
+            version, layers, lids, index, fund_codes = prepared[policy[i]]
+            nl = len(layers)
+            n_codes = len(fund_codes)
+            rid = request_ids[i].encode("utf-8") if request_ids else b""
+            mid = ids_m[c_member[i]]
+            fid = ids_f[c_facility[i]]
+            size = len(rid) + len(mid) + len(fid) + len(version) + 400
+            for li in range(nl):
+                size += 60 + len(layers[li][0]) + 2 * len(layers[li][2])
+            if size > cap_size:
+                free(buf)
+                buf = <unsigned char*> malloc(size)
+                if buf == NULL:
+                    raise MemoryError()
+                cap_size = size
+            k = put_bytes(buf, 2, rid, len(rid))
+            k += put_bytes(buf + k, 3, mid, len(mid))
+            k += put_bytes(buf + k, 4, fid, len(fid))
+            k += put_field_varint(buf + k, 5, c_kind[i])
+            k += put_date(buf + k, 6, c_date[i])
+            b = put_field_varint(body, 1, c_total[i])
+            b += put_field_varint(body + b, 2, col(c_fsp, i))
+            b += put_field_varint(body + b, 3, col(c_olim, i))
+            b += put_field_varint(body + b, 4, col(c_psp, i))
+            b += put_field_varint(body + b, 5, o[O_IN_SCOPE])
+            b += put_field_varint(body + b, 6, o[O_DEDUCTIBLE])
+            k += put_sub(buf + k, 8, body, b)
+            # funds (9): per fund code, in the order the paying layers first name it
+            applied = o[O_APPLIED]
+            nf = 0
+            for j in range(n_codes):
+                code_of[j] = -1
+            d = {}
+            for li in range(nl):
+                if not (applied >> li) & 1:
+                    continue
+                amount = o[O_LAYERS + 2 * li]
+                added = o[O_LAYERS + 2 * nl + li]
+                if amount or added:
+                    d[lids[li]] = (amount, added)
+                if amount:
+                    j = index[li]
+                    if code_of[j] < 0:
+                        code_of[j] = nf
+                        order[nf] = j
+                        fund_amount[nf] = 0
+                        fund_enum[nf] = layers[li][1]
+                        nf += 1
+                    fund_amount[code_of[j]] += amount
+            for j in range(nf):
+                code_b = fund_codes[order[j]]
+                b = put_field_varint(sub, 1, fund_enum[j])
+                b += put_bytes(sub + b, 2, code_b, len(code_b))
+                b += put_field_varint(sub + b, 3, fund_amount[j])
+                k += put_sub(buf + k, 9, sub, b)
+            # layers (10): every applied layer, in the policy's order
+            for li in range(nl):
+                if not (applied >> li) & 1:
+                    continue
+                lid_b, fund, code_b = layers[li]
+                b = put_bytes(sub, 1, lid_b, len(lid_b))
+                b += put_field_varint(sub + b, 2, fund)
+                b += put_bytes(sub + b, 3, code_b, len(code_b))
+                b += put_field_varint(sub + b, 4, o[O_LAYERS + 2 * li])
+                cap = o[O_LAYERS + 2 * li + 1]
+                if cap != NO_VALUE:
+                    b += put_key(sub + b, 5, 0)
+                    b += put_varint(sub + b, <uint64_t> cap)
+                k += put_sub(buf + k, 10, sub, b)
+            k += put_field_varint(buf + k, 11, o[O_FUND_TOTAL])
+            k += put_field_varint(buf + k, 12, o[O_PATIENT_TOTAL])
+            k += put_field_varint(buf + k, 13, o[O_ACCOUNT_PAID])
+            k += put_field_varint(buf + k, 14, o[O_CASH])
+            k += put_field_varint(buf + k, 15, o[O_BALANCE_AFTER])
+            k += put_bytes(buf + k, 17, version, len(version))
+            k += put_field_varint(buf + k, 19, o[O_CHAIN_AFTER])
+            k += put_field_varint(buf + k, 20, m_identity[c_member[i]])
+            k += put_field_varint(buf + k, 21, (col(c_flags, i) >> 3) & 1)
+            msgs[i] = (<char*> buf)[:k]
+            deltas[i] = d
+    finally:
+        free(buf)
+        free(sub)
+    return msgs, deltas
+
+
+def nonzero(const int64_t[::1] a):
+    """The indices of ``a``'s nonzero values, in order (a batch's refused claims are few)."""
+    cdef Py_ssize_t i
+    return [i for i in range(a.shape[0]) if a[i] != 0]
 
 
 def year_range(const int64_t[::1] year, const int64_t[::1] codes):

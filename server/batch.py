@@ -28,7 +28,7 @@ from google.rpc import code_pb2
 
 from engine import _kernel
 from engine.errors import InvalidInput, NoPolicyInForce
-from engine.kernel import STATUS_TEXT
+from engine.kernel import GROUP_BIT, IDENTITY_BIT, STATUS_TEXT, zeros
 from engine.model import LEVELS, Accumulators
 from engine.policy import FACT_BIT
 from reimburse.v1 import settlement_pb2 as st
@@ -47,6 +47,7 @@ _FLAG_BITS = array("q", [FACT_BIT[n] for n in ("HOME_BED_AFTER_TRANSFER", "OUT_O
                                                "CHILDBIRTH", "PRIMARY_FACILITY",
                                                "OTHER_FACILITY")])
 _EMPTY = array("q")
+
 _KIND_NAME = {ty.CLAIM_KIND_INPATIENT: "INPATIENT", ty.CLAIM_KIND_OUTPATIENT: "OUTPATIENT"}
 
 
@@ -118,8 +119,9 @@ def decode(data: bytes, *, settle: bool) -> Batch:
             raise InvalidInput(f"claims.{name}", f"has {size} values for {n} claims"
                                + (" (or leave it empty)" if optional else ""))
     for table, name in ((mids, "member_ids"), (fids, "facility_ids")):
-        for k, v in enumerate(table):
-            convert.check_id(v, f"claims.{name}[{k}]")
+        first = _wire.first_bad_id(table, convert.MAX_ID_LEN)
+        for k in range(len(table) if first < 0 else first, len(table)):
+            convert.check_id(table[k], f"claims.{name}[{k}]")
     if settle and len(rids) != n:
         raise InvalidInput("claims.request_ids", f"SettleBatch needs one request id per claim: "
                                                  f"{len(rids)} for {n} claims")
@@ -143,7 +145,7 @@ def _from_requests(reqs, settle: bool) -> Batch:
         raise InvalidInput("requests", f"at most {MAX_BATCH} claims per batch, got {n}")
     mids: dict[str, int] = {}
     fids: dict[str, int] = {}
-    cols = [array("q", bytes(8 * n)) for _ in _wire.INT_COLUMNS]
+    cols = [zeros(n) for _ in _wire.INT_COLUMNS]
     chain_from: dict[int, str] = {}
     refused: dict[int, BaseException] = {}
     rids = []
@@ -231,13 +233,13 @@ class Evaluated:
 
 
 def evaluate(batch: Batch, policies, members: dict[str, MemberRecord | None],
-             facilities: dict[str, FacilityRecord | None], accumulators,
+             facilities: dict[str, FacilityRecord | None], accumulators_of,
              skip: list[bool] | None = None) -> Evaluated:
     """Settle every accepted claim of ``batch`` in order (nothing is stored). ``members`` and
-    ``facilities`` by id (None: not registered); ``accumulators(member_id, year)``; claims with
+    ``facilities`` by id (None: not registered); ``accumulators_of([(member_id, year), ...])`` (a list); claims with
     ``skip[i]`` are left out (replays, conflicts, refusals of the ledger)."""
     n, nm, nf = batch.n, len(batch.member_ids), len(batch.facility_ids)
-    codes = array("q", bytes(8 * n))
+    codes = zeros(n)
     for i in batch.refused:
         codes[i] = _wire.E_REFUSED
     if skip is not None:
@@ -245,28 +247,19 @@ def evaluate(batch: Batch, policies, members: dict[str, MemberRecord | None],
             if s:
                 codes[i] = _wire.E_REFUSED
     fidx = {fid: k for k, fid in enumerate(batch.facility_ids)}
-    f_ok, f_level = array("q", bytes(8 * nf)), array("q", bytes(8 * nf))
+    f_ok, f_level = zeros(nf), zeros(nf)
     for k, fid in enumerate(batch.facility_ids):
         f = facilities.get(fid)
         if f is not None:
             f_ok[k], f_level[k] = 1, _LEVEL_INDEX[convert.rule_level(f)]
-    z = lambda: array("q", bytes(8 * nm))  # noqa: E731
+    z = lambda: zeros(nm)  # noqa: E731
     m_ok, m_mask, m_since, m_since_ym, m_bstart, m_bend = z(), z(), z(), z(), z(), z()
     m_primary, m_other, m_region, balances = z(), z(), z(), z()
     regions: dict[str, int] = {}
-    for k, mid in enumerate(batch.member_ids):
-        m = members.get(mid)
-        if m is None:
-            continue
-        m_ok[k], m_mask[k] = 1, fastpath.member_mask(m)
-        s = m.continuous_since
-        m_since[k], m_since_ym[k] = s.toordinal(), s.year * 12 + s.month
-        m_bstart[k] = m.benefit_start.toordinal() if m.benefit_start else 0
-        m_bend[k] = m.benefit_end.toordinal() if m.benefit_end else 0
-        m_primary[k] = fidx.get(m.primary_facility, -1) if m.primary_facility else -1
-        m_other[k] = fidx.get(m.other_facility, -1) if m.other_facility else -1
-        m_region[k] = regions.setdefault(m.region, len(regions))
-        balances[k] = m.account_balance_fen
+    _wire.member_table([members.get(mid) for mid in batch.member_ids], fidx, regions,
+                       IDENTITY_BIT, GROUP_BIT, FACT_BIT["RETIRED"],
+                       FACT_BIT["MATERNITY_ELIGIBLE"], m_ok, m_mask, m_since, m_since_ym,
+                       m_bstart, m_bend, m_primary, m_other, m_region, balances)
     plans: list = []
     plan_index: dict[int, int] = {}
     r_start, r_count, b_from, b_policy = array("q"), array("q"), array("q"), array("q")
@@ -279,8 +272,8 @@ def evaluate(batch: Batch, policies, members: dict[str, MemberRecord | None],
             b_policy.append(plan_index.setdefault(id(p), len(plan_index)))
             if len(plans) < len(plan_index):
                 plans.append(fastpath.plan_for(p))
-    rows = array("q", bytes(8 * n * C_SIZE))
-    policy, year = array("q", bytes(8 * n)), array("q", bytes(8 * n))
+    rows = zeros(n * C_SIZE)
+    policy, year = zeros(n), zeros(n)
     _wire.build_rows(n, batch.cols, batch.chain, batch.referral, m_ok, m_mask, m_since,
                      m_bstart, m_bend, m_primary, m_other, m_region, f_ok, f_level,
                      _LEVEL_BITS, _FLAG_BITS, r_start, r_count or array("q", [0]),
@@ -294,7 +287,7 @@ def evaluate(batch: Batch, policies, members: dict[str, MemberRecord | None],
         total += p.cp.n_layers
     years = _wire.year_range(year, codes)
     osz = max((p.cp.out_size for p in plans), default=_kernel.O_LAYERS)
-    out = array("q", bytes(8 * n * osz))
+    out = zeros(n * osz)
     result = Evaluated(codes, out, osz, policy, plans, offsets or array("q", [0]), year)
     if not years:
         return result
@@ -303,11 +296,12 @@ def evaluate(batch: Batch, policies, members: dict[str, MemberRecord | None],
         raise InvalidInput(f"{batch.prefix}.service_date",
                            f"a batch may span at most {MAX_YEARS} years")
     n_years = hi - lo + 1
-    slots, used = array("q", bytes(8 * n)), array("q", bytes(8 * nm * n_years))
+    slots, used = zeros(n), zeros(nm * n_years)
     _wire.assign_slots(n, batch.cols[0], year, codes, lo, n_years, slots, used)
-    in_use = [s for s in range(nm * n_years) if used[s]]
-    opening = {s: accumulators(batch.member_ids[s // n_years], lo + s % n_years)
-               for s in in_use}
+    in_use = _wire.nonzero(used)
+    mids = batch.member_ids
+    opening = dict(zip(in_use, accumulators_of([(mids[s // n_years], lo + s % n_years)
+                                                 for s in in_use])))
     pols = set(policy[i] for i in range(n) if codes[i] == 0) if len(plans) > 1 else {0}
     if len(pols) == 1:
         plan = plans[next(iter(pols))]
@@ -480,10 +474,10 @@ def encode(batch: Batch, ev: Evaluated, members, *, settlement_ids: list[str] | 
     fund_codes = [f for p in ev.plans for f in p.cp.funds]
     policy = ev.policy
     errs: list[st.ItemError] = []
-    status = array("q", bytes(8 * n))
+    status = zeros(n)
     errors = dict(errors or {})
-    for i in range(n):
-        if codes[i] and i not in errors and not (overrides and i in overrides):
+    for i in _wire.nonzero(codes):
+        if i not in errors and not (overrides and i in overrides):
             errors[i] = item_error(batch, codes, i, members)
     if errors or overrides:
         policy = array("q", policy)
@@ -498,8 +492,6 @@ def encode(batch: Batch, ev: Evaluated, members, *, settlement_ids: list[str] | 
             errs.append(m)
             status[i] = m.code
             policy[i] = 0
-    for i in range(n):
-        if status[i]:
             counts[i] = 0
     parts = [_wire.packed(1, status), b"".join(_wire.length_delimited(2, e.SerializeToString())
                                               for e in errs)]
@@ -548,9 +540,32 @@ def _splice(overrides, vals, policy, counts, layer, amount, capr, versions, laye
     return new_layer, new_amount, new_cap, counts
 
 
+def outcomes(batch: Batch, ev: Evaluated, members: dict[str, MemberRecord | None],
+             new: list[bool]) -> list[Outcome | None]:
+    """The ledger outcome of every settled claim that is ``new``, None for the others: its
+    deltas and its stored Settlement, encoded in C (``outcome`` is the same as a message)."""
+    identity = array("q", [convert.IDENTITY_WIRE[m.identity] if m is not None else 0
+                           for m in map(members.get, batch.member_ids)])
+    plans = [(p.version, p.wire_layers, p.cp.layer_ids) for p in ev.plans]
+    msgs, deltas = _wire.stored_settlements(batch.n, batch.cols, ev.out, ev.osz, ev.codes,
+                                            ev.policy, array("q", new), plans,
+                                            batch.request_ids, batch.member_ids,
+                                            batch.facility_ids, identity)
+    out, osz, policy = ev.out, ev.osz, ev.policy
+    got: list[Outcome | None] = [None] * batch.n
+    for i, msg in enumerate(msgs):
+        if msg is not None:
+            o = i * osz
+            got[i] = Outcome(deltas=deltas[i], account_paid_fen=out[o + _kernel.O_ACCOUNT_PAID],
+                             chain_deductible_after_fen=out[o + _kernel.O_CHAIN_AFTER],
+                             policy_version=ev.plans[policy[i]].version, result=msg,
+                             fund_total_fen=out[o + _kernel.O_FUND_TOTAL])
+    return got
+
+
 def outcome(batch: Batch, ev: Evaluated, i: int, m: MemberRecord) -> Outcome:
-    """The ledger outcome of accepted claim ``i``: its deltas and its stored Settlement (the
-    single call's message without accumulators_after)."""
+    """The ledger outcome of accepted claim ``i`` built as a protobuf message: what
+    ``outcomes`` encodes in C, and the reference tests/test_batch.py holds it to."""
     o, base = i * ev.osz, ev.out
     plan = ev.plans[ev.policy[i]]
     cp = plan.cp
@@ -623,8 +638,8 @@ class BatchService:
         chain_from = batch.chain_from
         if not chain_from:
             return
-        batch.chain = array("q", bytes(8 * batch.n))
-        batch.referral = array("q", bytes(8 * batch.n))
+        batch.chain = zeros(batch.n)
+        batch.referral = zeros(batch.n)
         for i, sid in chain_from.items():
             if i in batch.refused:
                 continue
@@ -655,19 +670,14 @@ class BatchService:
         self._check_caller(batch)
         self._chains(batch)
         ledger = self.core.ledger.reads()
-        members = {}
-        for mid in batch.member_ids:
-            try:
-                members[mid] = ledger.get_member(mid)
-            except NotFound:
-                members[mid] = None
+        members = dict(zip(batch.member_ids, ledger.members_of(batch.member_ids)))
         facilities = {}
         for fid in batch.facility_ids:
             try:
                 facilities[fid] = ledger.get_facility(fid)
             except NotFound:
                 facilities[fid] = None
-        ev = evaluate(batch, self.core.policies, members, facilities, ledger.accumulators)
+        ev = evaluate(batch, self.core.policies, members, facilities, ledger.accumulators_of)
         return encode(batch, ev, members)
 
     def settle(self, request: RawBatch, context) -> bytes:
@@ -688,7 +698,7 @@ class BatchService:
                 facilities[fid] = None
         c = batch.cols
         # A malformed claim is refused before its request id is looked at, as Settle does.
-        codes = array("q", bytes(8 * batch.n))
+        codes = zeros(batch.n)
         for i in batch.refused:
             codes[i] = _wire.E_REFUSED
         _wire.validate_claims(batch.n, c, batch.referral, len(batch.member_ids),
@@ -712,21 +722,19 @@ class BatchService:
             # replays and conflicts are the ledger's; refusals found before keep their error
             skip = [not x for x in state.new]
             ev = evaluate(batch, self.core.policies, state.members, present,
-                          lambda mid, year: state.accumulators.get((mid, year))
-                          or Accumulators(year), skip)
+                          lambda keys: [state.accumulators.get(k) or Accumulators(k[1])
+                                        for k in keys], skip)
             box["ev"], box["members"] = ev, state.members
-            return [outcome(batch, ev, i, state.members[items[i].member_id])
-                    if state.new[i] and ev.codes[i] == 0 and ev.out[i * ev.osz] == 0
-                    else None for i in range(batch.n)]
+            return outcomes(batch, ev, state.members, state.new)
 
         results = ledger.settle_batch(items, run)
         ev = box.get("ev")
         members = box.get("members", {})
         if ev is None:   # nothing was new: evaluate for the shapes only
-            ev = evaluate(batch, self.core.policies, {}, {}, lambda m, y: Accumulators(y),
-                          [True] * batch.n)
+            ev = evaluate(batch, self.core.policies, {}, {},
+                          lambda keys: [Accumulators(y) for _, y in keys], [True] * batch.n)
         sids = [""] * batch.n
-        replayed = array("q", bytes(8 * batch.n))
+        replayed = zeros(batch.n)
         overrides, errors = {}, {}
         for i, r in enumerate(results):
             if isinstance(r, SettleResult):
@@ -740,7 +748,7 @@ class BatchService:
                 errors[i] = batch.refused[i]
         for i in overrides:     # their numbers come from the stored reply (encode)
             ev.codes[i] = 0
-            ev.out[i * ev.osz:(i + 1) * ev.osz] = array("q", bytes(8 * ev.osz))
+            ev.out[i * ev.osz:(i + 1) * ev.osz] = zeros(ev.osz)
         return encode(batch, ev, members, settlement_ids=sids, replayed=replayed,
                       overrides=overrides, errors=errors)
 

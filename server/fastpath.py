@@ -65,6 +65,7 @@ class Plan:
         self.version = policy.version
         self.layers = tuple((layer.id, FUND.get(layer.fund, ty.FUND_UNSPECIFIED), layer.fund)
                             for layer in policy.layers)
+        self.wire_layers = [(lid.encode(), fund, code.encode()) for lid, fund, code in self.layers]
         self.marginal = self.cp.marginal
         self._views: dict[int, tuple[_ViewEntry, ...]] = {}
         self._scale: dict[int, int] = {}

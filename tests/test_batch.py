@@ -271,3 +271,53 @@ def test_a_malformed_batch_is_invalid_argument(srv):
             service_date=[20180101], total_fen=[1])))
     assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "request id" in e.value.details()
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_the_c_encoded_stored_settlements_are_what_upb_encodes(seed):
+    """``batch.outcomes`` (C) against ``batch.outcome`` (a protobuf message, serialized by
+    upb) for every settled claim of a batch: the same bytes and the same deltas. Heavy
+    members reach the caps, so layers with and without a remaining cap both occur."""
+    from engine.loader import store
+    from engine.model import Accumulators
+    from server import batch, convert
+    pop = workload.population(300, seed=seed, prefix=f"E{seed}")
+    cols = _claims(pop, n=1000, members=60, seed=seed)
+    b = batch.decode(_wire.length_delimited(1, cols.SerializeToString()), settle=True)
+    members = {m.member_id: convert.member_from_wire(m) for m in pop.members}
+    facilities = {f.facility_id: convert.facility_from_wire(f) for f in pop.facilities}
+    ev = batch.evaluate(b, store(), members, facilities,
+                        lambda keys: [Accumulators(y) for _, y in keys])
+    new = [i % 7 != 3 for i in range(b.n)]          # some claims are replays: no outcome
+    got = batch.outcomes(b, ev, members, new)
+    settled = capped = 0
+    for i in range(b.n):
+        ok = new[i] and ev.codes[i] == 0 and ev.out[i * ev.osz] == 0
+        if not ok:
+            assert got[i] is None
+            continue
+        want = batch.outcome(b, ev, i, members[b.member_ids[b.cols[0][i]]])
+        assert got[i].result == want.result, i
+        assert got[i].deltas == want.deltas
+        assert (got[i].account_paid_fen, got[i].chain_deductible_after_fen,
+                got[i].policy_version, got[i].fund_total_fen) == \
+               (want.account_paid_fen, want.chain_deductible_after_fen, want.policy_version,
+                want.fund_total_fen)
+        msg = ty.Settlement.FromString(got[i].result)
+        settled += 1
+        capped += any(lp.HasField("cap_remaining_fen") for lp in msg.layers)
+    assert settled > 500 and capped > 0
+
+
+@pytest.mark.parametrize("value", ["M1", "a b", "x" * 128, "x" * 129, "", " M1", "M1 ", "M\t1",
+                                   "M\n1", "\u00e9\u4e2d", "M\u200b1", "M\u00a01", "\u3000M"])
+def test_the_c_id_check_refuses_what_convert_check_id_refuses(value):
+    from engine.errors import InvalidInput
+    from server import convert
+    try:
+        convert.check_id(value, "f")
+        refused = False
+    except InvalidInput:
+        refused = True
+    assert (_wire.first_bad_id(["ok", value, "ok2"], convert.MAX_ID_LEN) == 1) is refused
+    assert _wire.first_bad_id(["ok", "ok2"], convert.MAX_ID_LEN) == -1

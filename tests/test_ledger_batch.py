@@ -108,3 +108,13 @@ def test_an_item_referred_from_a_reversed_settlement_is_refused_alone(ledger):
     assert sorted(r.request_id for r in ledger.journal()) == ["b", "c", "src", "src2"]
     if hasattr(ledger, "audit"):
         assert verify(ledger) == []
+
+
+def test_a_batch_of_settlement_ids_is_unique_and_time_ordered_after_earlier_ids():
+    from server.ledger.sqlbase import new_settlement_id, new_settlement_ids
+    before = new_settlement_id()
+    ids = new_settlement_ids(5000)
+    assert len(set(ids)) == 5000
+    assert all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    assert all(i[:14] >= before[:14] for i in ids)
+    assert new_settlement_ids(0) == []

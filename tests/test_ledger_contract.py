@@ -59,6 +59,19 @@ def test_member_and_facility_round_trip(backend):
 
 
 # --- settle -----------------------------------------------------------------------------------
+def test_bulk_reads_answer_as_the_single_reads_also_after_a_commit(backend, ledger):
+    lg = ledger.reads()
+    assert lg.members_of(["M1", "nobody", "M1"]) == [ledger.get_member("M1"), None,
+                                                     ledger.get_member("M1")]
+    assert lg.accumulators_of([("M1", YEAR)]) == [Accumulators(YEAR)]
+    settle(ledger, "r1", paying(70, cap=1000, account=30))
+    again = ledger.reads()          # a later call's reads see the commit
+    want = ledger.accumulators("M1", YEAR)
+    assert want.paid and again.accumulators_of([("M1", YEAR), ("M1", YEAR + 1)]) == \
+        [want, Accumulators(YEAR + 1)]
+    assert again.members_of(["M1"])[0].account_balance_fen == 10_000 - 30
+
+
 def test_settle_writes_journal_accumulators_and_balance(backend, ledger):
     res = settle(ledger, "r1", paying(700, 1000, account=300))
     rec = res.record

@@ -166,6 +166,25 @@ def resolve_repeats(items, results: list) -> list:
     return results
 
 
+class BulkReads:
+    """``members_of`` and ``accumulators_of`` from the single reads (a batch's many lookups;
+    a cached reader answers them without a call per id)."""
+
+    def members_of(self, member_ids) -> list[MemberRecord | None]:
+        """``get_member`` of each id, None where the member is not registered."""
+        out: list[MemberRecord | None] = []
+        for mid in member_ids:
+            try:
+                out.append(self.get_member(mid))
+            except NotFound:
+                out.append(None)
+        return out
+
+    def accumulators_of(self, keys) -> list[Accumulators]:
+        """``accumulators(member_id, year)`` of each (member_id, year)."""
+        return [self.accumulators(mid, year) for mid, year in keys]
+
+
 class Ledger(Protocol):
     def upsert_member(self, m: MemberRecord) -> None: ...
     def get_member(self, member_id: str) -> MemberRecord: ...            # NotFound
@@ -174,7 +193,8 @@ class Ledger(Protocol):
 
     def accumulators(self, member_id: str, year: int) -> Accumulators: ...
     def reads(self) -> "Ledger":
-        """The three reads above for one call (may answer from a cache checked once)."""
+        """The three reads above for one call (may answer from a cache checked once), and
+        BulkReads' two."""
         ...
 
     def settle(self, *, facility_id: str, request_id: str, request_hash: str, member_id: str,

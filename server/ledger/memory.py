@@ -15,12 +15,12 @@ from typing import Callable, Iterator
 
 from engine.model import Accumulators
 from server.ledger.base import (
-    Conflict, FacilityRecord, Forbidden, MemberRecord, MemberState, NotFound, Outcome,
+    BulkReads, Conflict, FacilityRecord, Forbidden, MemberRecord, MemberState, NotFound, Outcome,
     ReferralReversed, SettleResult, SettlementRecord, replay_or_conflict, resolve_repeats,
 )
 
 
-class MemoryLedger:
+class MemoryLedger(BulkReads):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._member_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)

@@ -32,7 +32,7 @@ from datetime import date, datetime
 from typing import Any, Callable, Iterator
 
 from engine.model import Accumulators
-from server.ledger.base import FacilityRecord, LedgerUnavailable, MemberRecord
+from server.ledger.base import FacilityRecord, LedgerUnavailable, MemberRecord, NotFound
 from server.ledger.sqlbase import SqlLedger
 
 CACHE_MAX = 200_000   # entries; the cache is simply dropped when it grows past this
@@ -358,3 +358,24 @@ class _Reads:
     def accumulators(self, member_id: str, year: int) -> Accumulators:
         return self._get(("a", member_id, year),
                          lambda: SqlLedger.accumulators(self.ledger, member_id, year))
+
+    def members_of(self, member_ids) -> list[MemberRecord | None]:
+        cache = self.cache
+        out = [cache.get(("m", mid)) for mid in member_ids]
+        if not all(out):                  # records are always true: a miss is None
+            for k, got in enumerate(out):
+                if got is None:
+                    try:
+                        out[k] = self.get_member(member_ids[k])
+                    except NotFound:
+                        pass
+        return out
+
+    def accumulators_of(self, keys) -> list[Accumulators]:
+        cache = self.cache
+        out = [cache.get(("a", *key)) for key in keys]
+        if not all(out):
+            for k, got in enumerate(out):
+                if got is None:
+                    out[k] = self.accumulators(*keys[k])
+        return out
