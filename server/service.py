@@ -162,16 +162,12 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
     def __init__(self, core: Core):
         self.core = core
 
-    def _prepare(self, request, commit: bool, reads=None):
-        call = convert.validate_settle(request, require_request_id=commit)
-        facility = (self.core.ledger if reads is None else reads).get_facility(
-            call.facility_id)
-        return call, convert.rule_level(facility), self.core.referral_chain(call)
-
     @rpc
     def PreSettle(self, request, context):
         reads = self.core.ledger.reads()   # registry and accumulators as of one moment
-        call, level, chain = self._prepare(request, commit=False, reads=reads)
+        call = convert.validate_settle(request, require_request_id=False)
+        level = convert.rule_level(reads.get_facility(call.facility_id))
+        chain = self.core.referral_chain(call)
         m = reads.get_member(call.member_id)
         acc = reads.accumulators(call.member_id, call.service_date.year)
         _, msg = self.core.evaluate(call, level, chain, MemberState(m, acc, m.account_balance_fen),
@@ -181,13 +177,17 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
 
     @rpc
     def Settle(self, request, context):
-        call, level, chain = self._prepare(request, commit=True)
+        call = convert.validate_settle(request, require_request_id=True)
+        chain = self.core.referral_chain(call)
         _check_deadline(context)  # a caller that gave up must not find a settlement later
+        # The facility comes with the member's state, from the ledger's transaction: no read
+        # of it (and of the read cache's validity) before.
         res = self.core.ledger.settle(
             facility_id=call.facility_id, request_id=call.request_id,
             request_hash=convert.request_hash(request), member_id=call.member_id,
             year=call.service_date.year, referral_from=call.referral_from,
-            evaluate=lambda state: self.core.evaluate(call, level, chain, state)[0])
+            evaluate=lambda state: self.core.evaluate(
+                call, convert.rule_level(state.facility), chain, state)[0])
         rec = res.record   # the stored reply as is, its id and status appended (server.wire)
         return wire.settlement_response(rec.result, rec.settlement_id, rec.status,
                                         not res.created)

@@ -79,6 +79,7 @@ class MemberState:
     member: MemberRecord
     accumulators: Accumulators         # of the settlement's year
     balance_fen: int
+    facility: FacilityRecord | None = None   # the settling facility, read in the same moment
 
 
 @dataclass(frozen=True)

@@ -88,10 +88,13 @@ class MemoryLedger(BulkReads):
                     raise NotFound(f"member {member_id!r} is not registered")
                 if referral_from:
                     self._check_referral(member_id, referral_from)
+                facility = self._facilities.get(facility_id)
+                if facility is None:
+                    raise NotFound(f"facility {facility_id!r} is not registered")
                 member = self._members[member_id]
                 paid, base = self._acc.get((member_id, year), ({}, {}))
                 state = MemberState(member, Accumulators(year, dict(paid), dict(base)),
-                                    member.account_balance_fen)
+                                    member.account_balance_fen, facility)
             out = evaluate(state)  # outside the global lock: other members proceed meanwhile
             with self._lock:
                 # The same key may have been taken meanwhile through another member's lock.

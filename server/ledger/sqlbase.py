@@ -102,6 +102,9 @@ class SqlLedger(BulkReads):
 
     dialect: str = ""
     FOR_UPDATE: str = ""
+    # settle looks a request id up before it takes the member's lock, so that a replay waits
+    # for no lock; a backend whose writes are serialized anyway saves that query per call
+    READ_REPLAY_FIRST: bool = True
 
     # --- hooks ------------------------------------------------------------------------------
     def _run(self, fn: Callable[[Any], Any], mode: str = "write") -> Any:
@@ -285,9 +288,11 @@ class SqlLedger(BulkReads):
              self.enc_ts(self._now()))))
 
     def get_facility(self, facility_id: str) -> FacilityRecord:
-        r = self._run(lambda cur: self._x(
-            cur, f"SELECT {FACILITY_COLS} FROM facilities WHERE facility_id = ?",
-            (facility_id,)).fetchone(), "read")
+        return self._run(lambda cur: self._facility(cur, facility_id), "read")
+
+    def _facility(self, cur, facility_id: str) -> FacilityRecord:
+        r = self._x(cur, f"SELECT {FACILITY_COLS} FROM facilities WHERE facility_id = ?",
+                    (facility_id,)).fetchone()
         if r is None:
             raise NotFound(f"facility {facility_id!r} is not registered")
         return FacilityRecord(facility_id=r[0], level=r[1], designated=bool(r[2]),
@@ -308,10 +313,11 @@ class SqlLedger(BulkReads):
                year: int, evaluate: Callable[[MemberState], Outcome],
                referral_from: str = "") -> SettleResult:
         # Replays need no lock: a committed key never changes its settlement.
-        found = self._run(lambda cur: self._by_request(cur, facility_id, request_id,
-                                                       request_hash), "read")
-        if found is not None:
-            return found
+        if self.READ_REPLAY_FIRST:
+            found = self._run(lambda cur: self._by_request(cur, facility_id, request_id,
+                                                           request_hash), "read")
+            if found is not None:
+                return found
 
         def body(cur) -> SettleResult:
             row = self._lock_member(cur, member_id)
@@ -323,11 +329,10 @@ class SqlLedger(BulkReads):
             member, seq = self._member(row), int(row[13])
             if referral_from:
                 self._check_referral(cur, member_id, referral_from)
-            if self._x(cur, "SELECT 1 FROM facilities WHERE facility_id = ?",
-                       (facility_id,)).fetchone() is None:
-                raise NotFound(f"facility {facility_id!r} is not registered")
+            facility = self._facility(cur, facility_id)
             balance = member.account_balance_fen
-            state = MemberState(member, self._accumulators(cur, member_id, year), balance)
+            state = MemberState(member, self._accumulators(cur, member_id, year), balance,
+                                facility)
             out = evaluate(state)
             deltas = check_outcome(out, balance)
             now = self._now()

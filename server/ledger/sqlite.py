@@ -54,6 +54,7 @@ class _Unit:
 class SqliteLedger(SqlLedger):
     dialect = "sqlite"
     FOR_UPDATE = ""   # BEGIN IMMEDIATE already holds the database's write lock
+    READ_REPLAY_FIRST = False   # every write waits for the committer: replays are found there
 
     def __init__(self, path: str | os.PathLike, *, busy_timeout_ms: int = 30_000,
                  group_max: int = 256, group_wait_us: int = 0, cache: bool = True) -> None:
