@@ -17,13 +17,19 @@ Units of one group run one after another on one connection, each seeing the writ
 before it, so the state a ``settle`` reads is still the state it commits over.
 
 Reads run in parallel on pooled connections (WAL snapshots). Registry records and accumulators
-read outside a transaction are cached, and the cache is dropped whenever ``PRAGMA data_version``
-of a connection that never writes says that anything committed, in this process or another.
+read outside a transaction are cached, and the cache is dropped whenever anything committed, in
+this process or another. What tells: the header of the WAL index, the ``-shm`` file that every
+connection to the database maps (https://www.sqlite.org/walformat.html: its change counter
+``iChange`` and ``mxFrame`` move with every commit), read through a mapping of our own: a memory
+read per call instead of a query. A connection kept open for the ledger's life keeps that file
+in place. Where it cannot be mapped, ``PRAGMA data_version`` of a connection per thread that
+never writes says it instead.
 """
 from __future__ import annotations
 
 import collections
 import json
+import mmap
 import os
 import sqlite3
 import threading
@@ -36,6 +42,7 @@ from server.ledger.base import FacilityRecord, LedgerUnavailable, MemberRecord, 
 from server.ledger.sqlbase import SqlLedger
 
 CACHE_MAX = 200_000   # entries; the cache is simply dropped when it grows past this
+WAL_INDEX_HEADER = 48  # bytes: the first copy of the wal-index header (walformat.html 2.1)
 
 
 class _Unit:
@@ -88,8 +95,12 @@ class SqliteLedger(SqlLedger):
         self._watch_lock = threading.Lock()
         self._cache_gen = 0              # the cache's epoch: bumped whenever it is dropped
         self._cache: dict[tuple, Any] = {}
+        self._anchor: sqlite3.Connection | None = None
+        self._shm: mmap.mmap | None = None
+        self._shm_seen = b""
         try:
             self._migrate()
+            self._map_wal_index()
         except BaseException:
             self.close()
             raise
@@ -239,6 +250,22 @@ class SqliteLedger(SqlLedger):
         c.execute("COMMIT")
 
     # --- cached reads -----------------------------------------------------------------------
+    def _map_wal_index(self) -> None:
+        """Map the WAL index header read-only (the module docstring), or leave ``_shm`` None."""
+        self._anchor = self._connect()
+        self._anchor.execute("SELECT version FROM schema_version").fetchone()  # opens the index
+        try:
+            fd = os.open(self.path + "-shm", os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            if os.fstat(fd).st_size >= WAL_INDEX_HEADER:
+                self._shm = mmap.mmap(fd, WAL_INDEX_HEADER, access=mmap.ACCESS_READ)
+        except (OSError, ValueError):
+            self._shm = None
+        finally:
+            os.close(fd)
+
     def _cache_valid(self) -> int:
         """The cache's epoch, after dropping the cache if anything was committed (by any
         connection, in any process) since this thread last looked.
@@ -250,6 +277,17 @@ class SqliteLedger(SqlLedger):
         dropped by the first check after that commit, whichever thread makes it."""
         if self._closed:
             raise RuntimeError("the ledger is closed")
+        shm = self._shm
+        if shm is not None:
+            # A header read while a writer changes it may be torn: then it differs from the
+            # one seen, and the cache is dropped once more than needed, never kept too long.
+            header = shm[:WAL_INDEX_HEADER]
+            if header != self._shm_seen or len(self._cache) > CACHE_MAX:
+                with self._watch_lock:
+                    self._shm_seen = header
+                    self._cache = {}
+                    self._cache_gen += 1
+            return self._cache_gen
         loc = self._local
         c = getattr(loc, "watch", None)
         if c is None:
@@ -305,10 +343,11 @@ class SqliteLedger(SqlLedger):
         for c in idle:
             c.close()
         with self._watch_lock:
-            for c in (self._wconn, *self._watches):
+            self._shm = None   # a reader still holding the mapping may finish with it
+            for c in (self._wconn, *self._watches, self._anchor):
                 if c is not None:
                     c.close()
-            self._wconn = None
+            self._wconn = self._anchor = None
             self._watches = []
 
     # --- types --------------------------------------------------------------------------------
