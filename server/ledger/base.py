@@ -187,6 +187,7 @@ class BulkReads:
 
 
 class Ledger(Protocol):
+    local_reads: bool   # reads answer in this process (a cache, a local file): no network
     def upsert_member(self, m: MemberRecord) -> None: ...
     def get_member(self, member_id: str) -> MemberRecord: ...            # NotFound
     def upsert_facility(self, f: FacilityRecord) -> None: ...

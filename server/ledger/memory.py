@@ -21,6 +21,8 @@ from server.ledger.base import (
 
 
 class MemoryLedger(BulkReads):
+    local_reads = True
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._member_locks: dict[str, threading.Lock] = defaultdict(threading.Lock)

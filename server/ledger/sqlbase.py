@@ -105,6 +105,7 @@ class SqlLedger(BulkReads):
     # settle looks a request id up before it takes the member's lock, so that a replay waits
     # for no lock; a backend whose writes are serialized anyway saves that query per call
     READ_REPLAY_FIRST: bool = True
+    local_reads: bool = False
 
     # --- hooks ------------------------------------------------------------------------------
     def _run(self, fn: Callable[[Any], Any], mode: str = "write") -> Any:

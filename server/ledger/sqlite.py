@@ -62,6 +62,7 @@ class SqliteLedger(SqlLedger):
     dialect = "sqlite"
     FOR_UPDATE = ""   # BEGIN IMMEDIATE already holds the database's write lock
     READ_REPLAY_FIRST = False   # every write waits for the committer: replays are found there
+    local_reads = True   # from this process's cache or the local file (base.Ledger)
 
     def __init__(self, path: str | os.PathLike, *, busy_timeout_ms: int = 30_000,
                  group_max: int = 256, group_wait_us: int = 0, cache: bool = True) -> None:
