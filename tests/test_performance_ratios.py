@@ -52,17 +52,17 @@ class Goal:
 GOALS = (
     Goal("presettle_vs_echo", 0.80, 0.40, True,
          "PreSettle calls/s over echo calls/s, 64 in flight, one process"),
-    Goal("settle_vs_presettle", 0.70, 0.50, True,
+    Goal("settle_vs_presettle", 0.70, 0.60, True,
          "durable Settle (synchronous=FULL) calls/s over PreSettle's, 64 in flight"),
     Goal("presettle_p99_vs_echo_p99", 1.30, 2.00, False,
          "PreSettle p99 latency over echo p99, 64 in flight"),
     Goal("two_processes_vs_one", 1.70, 1.70, True,
          "PreSettle calls/s with --processes 2 over one process, two client processes "
          "(the load generator shares the machine's 2 cores)"),
-    Goal("batch_presettle_vs_echo_calls", 1_000_000 / ECHO_CEILING_ISSUE, 110.0, True,
+    Goal("batch_presettle_vs_echo_calls", 1_000_000 / ECHO_CEILING_ISSUE, 180.0, True,
          "PreSettleBatch claims/s (1000-claim batches, 2 in flight) over echo calls/s; "
          "the goal 1,000,000 claims/s is 300 x the issue's echo figure"),
-    Goal("batch_settle_vs_echo_calls", 40_000 / ECHO_CEILING_ISSUE, 4.0, True,
+    Goal("batch_settle_vs_echo_calls", 40_000 / ECHO_CEILING_ISSUE, 5.0, True,
          "durable SettleBatch claims/s (1000-claim batches, 2 in flight) over echo calls/s; "
          "the goal 40,000 claims/s is 12 x the issue's echo figure"),
 )
