@@ -758,12 +758,13 @@ def stored_settlements(Py_ssize_t n, list cols, const int64_t[::1] out, Py_ssize
                        list request_ids, list member_ids, list facility_ids,
                        const int64_t[::1] m_identity):
     """The stored ``Settlement`` (bytes) and the accumulator deltas of every claim settled
-    (code 0, kernel status 0) with ``select[i]`` set, from the kernel's output rows: what ``server.batch.outcome`` built as
-    a message, encoded as upb encodes it (fields in number order, proto3 defaults left out,
-    service_date and breakdown always present, cap_remaining_fen present when the layer has
-    a cap). ``plans[p]``: (version, layers, layer ids), ``layers`` a list of
-    (layer_id, Fund enum, fund code) as UTF-8 bytes and int. Returns two lists of n: bytes
-    or None, and {layer id: (amount, added)} for the layers that paid or counted something."""
+    (code 0, kernel status 0) with ``select[i]`` set, from the kernel's output rows: what
+    ``server.batch.outcome`` builds as a message, encoded as upb encodes it (fields in number
+    order, proto3 defaults left out, service_date and breakdown always present,
+    cap_remaining_fen present when the layer has a cap). ``plans[p]``: (version, layers, layer
+    ids), ``layers`` a list of (layer_id, Fund enum, fund code) as UTF-8 bytes and int. Returns
+    two lists of n: bytes or None, and {layer id: (amount, added)} for the layers that paid or
+    counted something."""
     cdef const int64_t[::1] c_member = cols[0], c_facility = cols[1], c_kind = cols[2]
     cdef const int64_t[::1] c_date = cols[3], c_total = cols[4], c_fsp = cols[5]
     cdef const int64_t[::1] c_olim = cols[6], c_psp = cols[7], c_flags = cols[8]

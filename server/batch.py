@@ -47,7 +47,6 @@ _FLAG_BITS = array("q", [FACT_BIT[n] for n in ("HOME_BED_AFTER_TRANSFER", "OUT_O
                                                "CHILDBIRTH", "PRIMARY_FACILITY",
                                                "OTHER_FACILITY")])
 _EMPTY = array("q")
-
 _KIND_NAME = {ty.CLAIM_KIND_INPATIENT: "INPATIENT", ty.CLAIM_KIND_OUTPATIENT: "OUTPATIENT"}
 
 
@@ -236,8 +235,9 @@ def evaluate(batch: Batch, policies, members: dict[str, MemberRecord | None],
              facilities: dict[str, FacilityRecord | None], accumulators_of,
              skip: list[bool] | None = None) -> Evaluated:
     """Settle every accepted claim of ``batch`` in order (nothing is stored). ``members`` and
-    ``facilities`` by id (None: not registered); ``accumulators_of([(member_id, year), ...])`` (a list); claims with
-    ``skip[i]`` are left out (replays, conflicts, refusals of the ledger)."""
+    ``facilities`` by id (None: not registered); ``accumulators_of([(member_id, year), ...])``
+    gives a list; claims with ``skip[i]`` are left out (replays, conflicts, refusals of the
+    ledger)."""
     n, nm, nf = batch.n, len(batch.member_ids), len(batch.facility_ids)
     codes = zeros(n)
     for i in batch.refused:
