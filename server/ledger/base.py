@@ -171,6 +171,8 @@ class BulkReads:
     """``members_of`` and ``accumulators_of`` from the single reads (a batch's many lookups;
     a cached reader answers them without a call per id)."""
 
+    __slots__ = ()
+
     def members_of(self, member_ids) -> list[MemberRecord | None]:
         """``get_member`` of each id, None where the member is not registered."""
         out: list[MemberRecord | None] = []

@@ -568,11 +568,11 @@ def new_settlement_id() -> str:
     """32 hex digits: the time in µs, then 72 random bits. Ids made later sort later, so the
     journal's primary key grows at its end instead of at random places (fewer pages written
     per commit); uniqueness rests on the random part, as with a uuid4."""
-    return f"{time.time_ns() // 1000:014x}"[-14:] + os.urandom(9).hex()
+    return new_settlement_ids(1)[0]
 
 
 def new_settlement_ids(n: int) -> list[str]:
-    """``n`` ids as new_settlement_id makes them, sharing one time and one read of the
+    """``n`` ids as new_settlement_id describes them, sharing one time and one read of the
     system's random source (a batch's ids: that read was 5 % of a durable batch)."""
     head = f"{time.time_ns() // 1000:014x}"[-14:]
     rnd = os.urandom(9 * n).hex()

@@ -38,7 +38,7 @@ from datetime import date, datetime
 from typing import Any, Callable, Iterator
 
 from engine.model import Accumulators
-from server.ledger.base import FacilityRecord, LedgerUnavailable, MemberRecord, NotFound
+from server.ledger.base import BulkReads, FacilityRecord, LedgerUnavailable, MemberRecord
 from server.ledger.sqlbase import SqlLedger
 
 CACHE_MAX = 200_000   # entries; the cache is simply dropped when it grows past this
@@ -371,7 +371,7 @@ class SqliteLedger(SqlLedger):
         return None if v is None else datetime.fromisoformat(v)
 
 
-class _Reads:
+class _Reads(BulkReads):
     """One call's registry and accumulator reads: the cache checked once, at the start."""
 
     __slots__ = ("ledger", "gen", "cache")
@@ -403,20 +403,10 @@ class _Reads:
     def members_of(self, member_ids) -> list[MemberRecord | None]:
         cache = self.cache
         out = [cache.get(("m", mid)) for mid in member_ids]
-        if not all(out):                  # records are always true: a miss is None
-            for k, got in enumerate(out):
-                if got is None:
-                    try:
-                        out[k] = self.get_member(member_ids[k])
-                    except NotFound:
-                        pass
-        return out
+        # records are always true: a None is a miss, read (and cached) one by one
+        return out if all(out) else BulkReads.members_of(self, member_ids)
 
     def accumulators_of(self, keys) -> list[Accumulators]:
         cache = self.cache
         out = [cache.get(("a", *key)) for key in keys]
-        if not all(out):
-            for k, got in enumerate(out):
-                if got is None:
-                    out[k] = self.accumulators(*keys[k])
-        return out
+        return out if all(out) else BulkReads.accumulators_of(self, keys)
