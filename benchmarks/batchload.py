@@ -37,9 +37,10 @@ def batch_payloads(pop, mode: str, cfg: dict, client: int, tag: str):
     n, members = cfg["batch"], cfg.get("batch_members", 100)
     inner = [batch_columns(pop, n, members, cfg["seed"] * 7919 + client * 101 + v)
              .SerializeToString() for v in range(VARIANTS)]
-    method = ("/reimburse.v1.SettlementService/PreSettleBatch" if mode == "batch-presettle"
+    pre = mode.startswith("batch-presettle")
+    method = ("/reimburse.v1.SettlementService/PreSettleBatch" if pre
               else "/reimburse.v1.SettlementService/SettleBatch")
-    if mode == "batch-presettle":
+    if pre:
         payloads = [_wire.length_delimited(1, b) for b in inner]
         return (lambda i: payloads[i % VARIANTS]), (lambda i: method)
 

@@ -19,6 +19,11 @@ identities, every group, all facility levels) through ``RegistryService``. Modes
     mix             70 % PreSettle, 30 % Settle
     batch-presettle PreSettleBatch of --batch claims per call (columns)
     batch-settle    SettleBatch of --batch claims per call (columns), new request ids
+    batch-presettle-stream, batch-settle-stream
+                    the same batches as messages of PreSettleBatchStream / SettleBatchStream:
+                    one stream per connection, ``--concurrency`` batches in flight in all
+                    (sent ahead on the streams); a batch's latency is from its write to its
+                    response
 
 Load: ``--concurrency`` calls in flight in total (default 64), split over ``--clients`` client
 processes (default 1), each a grpc.aio event loop on ``--channels`` connections (default: one
@@ -46,12 +51,15 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODES = ("echo", "presettle", "settle", "mix", "batch-presettle", "batch-settle")
+MODES = ("echo", "presettle", "settle", "mix", "batch-presettle", "batch-settle",
+         "batch-presettle-stream", "batch-settle-stream")
 ECHO = "/reimburse.bench.v1.EchoService/Echo"
 METHOD = {"presettle": "/reimburse.v1.SettlementService/PreSettle",
           "settle": "/reimburse.v1.SettlementService/Settle",
           "batch-presettle": "/reimburse.v1.SettlementService/PreSettleBatch",
           "batch-settle": "/reimburse.v1.SettlementService/SettleBatch",
+          "batch-presettle-stream": "/reimburse.v1.SettlementService/PreSettleBatchStream",
+          "batch-settle-stream": "/reimburse.v1.SettlementService/SettleBatchStream",
           "echo": ECHO}
 POOL = 4096   # distinct claims per client
 
@@ -201,7 +209,10 @@ async def _drive(target: str, mode: str, cfg: dict, client: int) -> dict:
     channels = [grpc.aio.insecure_channel(target, options=[
         ("grpc.use_local_subchannel_pool", 1), ("grpc.max_receive_message_length", 64 << 20),
         ("grpc.max_send_message_length", 64 << 20)]) for _ in range(n_ch)]
-    calls = [{m: ch.unary_unary(m) for m in set(METHOD.values())} for ch in channels]
+    if mode.endswith("-stream"):
+        return await _drive_streams(channels, METHOD[mode], make, cfg)
+    calls = [{m: ch.unary_unary(m) for m in set(METHOD.values()) if not m.endswith("Stream")}
+             for ch in channels]
     conc, rate = cfg["concurrency"], cfg["rate"]
     lat: list[float] = []
     errors: dict[str, int] = {}
@@ -248,6 +259,60 @@ async def _drive(target: str, mode: str, cfg: dict, client: int) -> dict:
     for ch in channels:
         await ch.close()
     del per_client_rate
+    return {"latencies": lat, "errors": errors, "elapsed": elapsed,
+            "cpu": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)}
+
+
+async def _drive_streams(channels, method: str, make, cfg: dict) -> dict:
+    """The stream modes: one stream per channel, the batches in flight spread over them."""
+    import grpc
+    n_ch = len(channels)
+    depth = [cfg["concurrency"] // n_ch + (k < cfg["concurrency"] % n_ch) for k in range(n_ch)]
+    lat: list[float] = []
+    errors: dict[str, int] = {}
+    counter = [0]
+
+    async def one(ch, k: int, until: float, record: bool) -> None:
+        if not depth[k]:
+            return
+        call = ch.stream_stream(method)(timeout=cfg["timeout"] + cfg["warmup"] + cfg["duration"])
+        sent: list[float] = []          # write times of the batches not yet answered
+        try:
+            async def send() -> None:
+                i = counter[0]
+                counter[0] = i + 1
+                sent.append(time.perf_counter())
+                await call.write(make(i))
+            for _ in range(depth[k]):
+                await send()
+            while sent:
+                await call.read()
+                t = time.perf_counter()
+                if record:
+                    lat.append(t - sent[0])
+                del sent[0]
+                if t < until and counter[0] < cfg["max_requests"]:
+                    await send()
+            await call.done_writing()
+            await call.read()            # the end of the stream: its status
+        except grpc.aio.AioRpcError as e:
+            if record:
+                errors[e.code().name] = errors.get(e.code().name, 0) + 1
+
+    for ch in channels:
+        await ch.channel_ready()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(one(ch, k, t0 + cfg["warmup"], False)
+                           for k, ch in enumerate(channels)))
+    counter[0] = 0
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
+    t_start = time.perf_counter()
+    await asyncio.gather(*(one(ch, k, t_start + cfg["duration"], True)
+                           for k, ch in enumerate(channels)))
+    elapsed = time.perf_counter() - t_start
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    for ch in channels:
+        await ch.close()
     return {"latencies": lat, "errors": errors, "elapsed": elapsed,
             "cpu": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)}
 

@@ -3,6 +3,7 @@ from array import array
 from typing import Final
 
 INT_COLUMNS: tuple[str, ...]
+MEMO_MAX: int
 E_OK: Final[int]
 E_MEMBER_INDEX: Final[int]
 E_FACILITY_INDEX: Final[int]
@@ -30,6 +31,12 @@ class WireError(ValueError): ...
 
 def decode_batch(data: bytes) -> tuple[bool, list[str], list[str], list[str], list[array]]: ...
 def date_ordinal(yyyymmdd: int) -> int: ...
+def member_table(members: list, fidx: dict[str, int], regions: dict[str, int],
+                 identity_bits: dict[str, int], group_bits: dict[str, int], retired_bit: int,
+                 maternity_bit: int, ok: array, mask: array, since: array, since_ym: array,
+                 bstart: array, bend: array, primary: array, other: array, region: array,
+                 balance: array, memo: dict) -> None: ...
+def first_bad_id(ids: list[str], max_len: int) -> int: ...
 def build_rows(n: int, cols: list[array], chain: array, referral: array, m_ok: array,
                m_mask: array, m_since: array, m_bstart: array, m_bend: array,
                m_primary: array, m_other: array, m_region: array, f_ok: array,
@@ -51,4 +58,9 @@ def validate_claims(n: int, cols: list[array], referral: array, nm: int, nf: int
 def request_digests(n: int, cols: list[array], member_ids: list[str],
                     facility_ids: list[str], request_ids: list[str],
                     codes: array) -> list[str | None]: ...
+def stored_settlements(n: int, cols: list[array], out: array, osz: int, codes: array,
+                       policy: array, select: array, plans: list, request_ids: list[str],
+                       member_ids: list[str], facility_ids: list[str], m_identity: array
+                       ) -> tuple[list[bytes | None], list[dict | None]]: ...
+def nonzero(a: array) -> list[int]: ...
 def year_range(year: array, codes: array) -> tuple[int, int] | None: ...

@@ -28,6 +28,7 @@ from engine.claims import MAX_FEN as _MAX_FEN
 from engine.kernel import zeros as _zeros
 
 cdef int64_t MAX_FEN = _MAX_FEN
+MEMO_MAX = 20_000             # member_table's memo is dropped when it grows past this
 
 # ClaimColumns field numbers of the int columns, in the order decode_batch returns them
 INT_COLUMNS = ("member", "facility", "kind", "service_date", "total_fen", "full_selfpay_fen",
@@ -251,43 +252,58 @@ def member_table(list members, dict fidx, dict regions, dict identity_bits, dict
                  int64_t retired_bit, int64_t maternity_bit, int64_t[::1] ok, int64_t[::1] mask,
                  int64_t[::1] since, int64_t[::1] since_ym, int64_t[::1] bstart,
                  int64_t[::1] bend, int64_t[::1] primary, int64_t[::1] other,
-                 int64_t[::1] region, int64_t[::1] balance):
+                 int64_t[::1] region, int64_t[::1] balance, dict memo):
     """build_rows' per-member tables from MemberRecords (None: not registered): the facts
     mask (engine.kernel.member_facts), date ordinals (0: no benefit bound), the primary and
     other facility as indices of the batch's facility table (``fidx``, -1: none or not in
-    it), the region as an index into ``regions`` (filled as new ones are met)."""
+    it), the region as an index into ``regions`` (filled as new ones are met).
+
+    ``memo`` keeps, by ``id(record)``, what a record gives whatever the batch (mask, dates,
+    facilities, region, balance): records are immutable and the read cache hands out the same
+    object until something is committed; an entry holds its record, so that id is not reused
+    while it is there. The caller passes the same bit tables with the same memo."""
     cdef Py_ssize_t k
     cdef int64_t bits
+    cdef tuple row
+    if len(memo) > MEMO_MAX:
+        memo.clear()
     for k in range(len(members)):
         m = members[k]
         if m is None:
             continue
+        got = memo.get(id(m))
+        if got is None or (<tuple> got)[0] is not m:
+            bits = identity_bits.get(m.identity, 0)
+            for g in m.groups:
+                bits |= <int64_t> group_bits[g]
+            if m.retired:
+                bits |= retired_bit
+            if m.maternity_eligible:
+                bits |= maternity_bit
+            d = m.continuous_since
+            b0 = m.benefit_start
+            b1 = m.benefit_end
+            got = memo[id(m)] = (
+                m, bits, date_ord(d), <int64_t> d.year * 12 + <int64_t> d.month,
+                date_ord(b0) if b0 is not None else 0, date_ord(b1) if b1 is not None else 0,
+                m.primary_facility, m.other_facility, m.region, m.account_balance_fen)
+        row = <tuple> got
         ok[k] = 1
-        bits = identity_bits.get(m.identity, 0)
-        for g in m.groups:
-            bits |= <int64_t> group_bits[g]
-        if m.retired:
-            bits |= retired_bit
-        if m.maternity_eligible:
-            bits |= maternity_bit
-        mask[k] = bits
-        d = m.continuous_since
-        since[k] = date_ord(d)
-        since_ym[k] = <int64_t> d.year * 12 + <int64_t> d.month
-        d = m.benefit_start
-        bstart[k] = date_ord(d) if d is not None else 0
-        d = m.benefit_end
-        bend[k] = date_ord(d) if d is not None else 0
-        f = m.primary_facility
+        mask[k] = <int64_t> row[1]
+        since[k] = <int64_t> row[2]
+        since_ym[k] = <int64_t> row[3]
+        bstart[k] = <int64_t> row[4]
+        bend[k] = <int64_t> row[5]
+        f = row[6]
         primary[k] = fidx.get(f, -1) if f else -1
-        f = m.other_facility
+        f = row[7]
         other[k] = fidx.get(f, -1) if f else -1
-        r = m.region
+        r = row[8]
         got = regions.get(r)
         if got is None:
             got = regions[r] = len(regions)
         region[k] = got
-        balance[k] = m.account_balance_fen
+        balance[k] = <int64_t> row[9]
 
 
 def first_bad_id(list ids, Py_ssize_t max_len):
@@ -535,8 +551,15 @@ def gather_results(Py_ssize_t n, const int64_t[::1] out, Py_ssize_t osz,
     return vals, counts, layer, amount, capr
 
 
+cdef extern from *:
+    int __builtin_clzll(unsigned long long) nogil
+
+
 cdef inline Py_ssize_t put_varint(unsigned char* p, uint64_t v) noexcept nogil:
     cdef Py_ssize_t k = 0
+    if v < 0x80:                 # most values of a result column: one byte
+        p[0] = <unsigned char> v
+        return 1
     while v > 0x7F:
         p[k] = <unsigned char> ((v & 0x7F) | 0x80)
         v >>= 7
@@ -546,11 +569,8 @@ cdef inline Py_ssize_t put_varint(unsigned char* p, uint64_t v) noexcept nogil:
 
 
 cdef inline Py_ssize_t varint_size(uint64_t v) noexcept nogil:
-    cdef Py_ssize_t k = 1
-    while v > 0x7F:
-        v >>= 7
-        k += 1
-    return k
+    # seven bits a byte: 1 + (the highest set bit) // 7
+    return 1 + (63 - __builtin_clzll(v | 1)) // 7
 
 
 def packed(int field, const int64_t[::1] values):

@@ -16,8 +16,9 @@ It does two things for every call:
      are open to anyone). A refusal is ``PERMISSION_DENIED``:
 
      ====================================== =================================================
-     PreSettle, Settle, Reverse, SettleBatch ``facility_id`` of the request (of every item of
-                                             a batch) must be the caller's own
+     PreSettle, Settle, Reverse, the batch   ``facility_id`` of the request (of every item of
+     calls (SettleBatch, PreSettleBatch)     a batch, of every batch of a stream) must be the
+     and their streams                       caller's own
      GetSettlement                           only the settling facility's (checked after the
                                              lookup, ``check_owner``: PERMISSION_DENIED, as a
                                              Reverse of another facility's settlement is)
@@ -370,6 +371,8 @@ RULES: dict[str, Rule] = {
     "/reimburse.v1.SettlementService/Settle": as_itself,
     "/reimburse.v1.SettlementService/SettleBatch": as_itself,
     "/reimburse.v1.SettlementService/PreSettleBatch": as_itself,
+    "/reimburse.v1.SettlementService/SettleBatchStream": as_itself,       # each batch
+    "/reimburse.v1.SettlementService/PreSettleBatchStream": as_itself,
     "/reimburse.v1.SettlementService/Reverse": as_itself,
     "/reimburse.v1.SettlementService/GetSettlement": any_caller,   # + check_owner in servicer
     "/reimburse.v1.SettlementService/GetAccumulators": any_caller,
@@ -460,10 +463,7 @@ class Gatekeeper(grpc.ServerInterceptor):
     def _wrap(self, method: str, h: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         rule = rule_for(method) if self.auth is not None else None
         if h.request_streaming:
-            if rule is None:
-                return h
-            # No streaming method of ours needs per-request checks: admin only.
-            return self._guard_stream(method, h)
+            return h if rule is None else self._guard_stream(method, h, rule)
         deser = h.request_deserializer
         name = getattr(getattr(deser, "__self__", None), "DESCRIPTOR", None)
         type_name = name.full_name if name is not None else "request"
@@ -500,7 +500,10 @@ class Gatekeeper(grpc.ServerInterceptor):
             replaced["request_deserializer"] = _safe(deser, type_name)
         return h._replace(**replaced)
 
-    def _guard_stream(self, method, h):
+    def _guard_stream(self, method, h, rule):
+        """A client-streaming method: the caller identified once, the rule applied to each
+        request as it arrives (an admin-only rule at once), the caller in ``current()`` while
+        the servicer works on the stream."""
         kind = "stream_stream" if h.response_streaming else "stream_unary"
         behavior = getattr(h, kind)
 
@@ -508,15 +511,45 @@ class Gatekeeper(grpc.ServerInterceptor):
             caller, why = self.identify(context)
             if caller is None:
                 _deny(context, method, grpc.StatusCode.UNAUTHENTICATED, why)
-            if not caller.admin:
+            if rule is admin_only and not caller.admin:
                 _deny(context, method, grpc.StatusCode.PERMISSION_DENIED,
                       admin_only(caller, None), caller)
+
+            def checked():
+                for request in request_iterator:
+                    try:
+                        problem = rule(caller, request)
+                    except DecodeError as e:  # a request parsed lazily (server.batch.RawBatch)
+                        _deny(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+                              f"the request is not a valid message: {e}", caller)
+                    if problem:
+                        _deny(context, method, grpc.StatusCode.PERMISSION_DENIED, problem,
+                              caller)
+                    yield request
+
             token = _caller.set(caller)
             try:
-                return behavior(request_iterator, context)
+                out = behavior(checked(), context)
             finally:
                 _caller.reset(token)
+            if not h.response_streaming:
+                return out
+            return _each_as(caller, out)
         return h._replace(**{kind: guarded})
+
+
+def _each_as(caller, responses):
+    """The responses of a streaming servicer, each computed with ``caller`` current: gRPC
+    runs a response generator step by step, after the handler call has returned."""
+    while True:
+        token = _caller.set(caller)
+        try:
+            item = next(responses)
+        except StopIteration:
+            return
+        finally:
+            _caller.reset(token)
+        yield item
 
 
 # --- python -m server.auth ---------------------------------------------------------------------

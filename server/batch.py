@@ -47,6 +47,7 @@ _FLAG_BITS = array("q", [FACT_BIT[n] for n in ("HOME_BED_AFTER_TRANSFER", "OUT_O
                                                "CHILDBIRTH", "PRIMARY_FACILITY",
                                                "OTHER_FACILITY")])
 _EMPTY = array("q")
+_MEMBER_ROWS: dict = {}       # member_table's memo of cached records (server/_wire.pyx)
 _KIND_NAME = {ty.CLAIM_KIND_INPATIENT: "INPATIENT", ty.CLAIM_KIND_OUTPATIENT: "OUTPATIENT"}
 
 
@@ -129,9 +130,10 @@ def decode(data: bytes, *, settle: bool) -> Batch:
                                                  "(or leave it empty)")
     b = Batch(n, mids, fids, rids, cols)
     if rids:
-        for i, rid in enumerate(rids):
+        first = _wire.first_bad_id(rids, convert.MAX_ID_LEN)
+        for i in range(len(rids) if first < 0 else first, len(rids)):
             try:
-                convert.check_id(rid, f"claims.request_ids[{i}]")
+                convert.check_id(rids[i], f"claims.request_ids[{i}]")
             except InvalidInput as e:
                 b.refused[i] = e
     return b
@@ -233,11 +235,12 @@ class Evaluated:
 
 def evaluate(batch: Batch, policies, members: dict[str, MemberRecord | None],
              facilities: dict[str, FacilityRecord | None], accumulators_of,
-             skip: list[bool] | None = None) -> Evaluated:
+             skip: list[bool] | None = None, cached: bool = False) -> Evaluated:
     """Settle every accepted claim of ``batch`` in order (nothing is stored). ``members`` and
     ``facilities`` by id (None: not registered); ``accumulators_of([(member_id, year), ...])``
     gives a list; claims with ``skip[i]`` are left out (replays, conflicts, refusals of the
-    ledger)."""
+    ledger). ``cached``: the member records come from the read cache, which hands out the same
+    objects again (what they give the kernel is then kept, ``_MEMBER_ROWS``)."""
     n, nm, nf = batch.n, len(batch.member_ids), len(batch.facility_ids)
     codes = zeros(n)
     for i in batch.refused:
@@ -259,7 +262,8 @@ def evaluate(batch: Batch, policies, members: dict[str, MemberRecord | None],
     _wire.member_table([members.get(mid) for mid in batch.member_ids], fidx, regions,
                        IDENTITY_BIT, GROUP_BIT, FACT_BIT["RETIRED"],
                        FACT_BIT["MATERNITY_ELIGIBLE"], m_ok, m_mask, m_since, m_since_ym,
-                       m_bstart, m_bend, m_primary, m_other, m_region, balances)
+                       m_bstart, m_bend, m_primary, m_other, m_region, balances,
+                       _MEMBER_ROWS if cached else {})
     plans: list = []
     plan_index: dict[int, int] = {}
     r_start, r_count, b_from, b_policy = array("q"), array("q"), array("q"), array("q")
@@ -677,7 +681,8 @@ class BatchService:
                 facilities[fid] = ledger.get_facility(fid)
             except NotFound:
                 facilities[fid] = None
-        ev = evaluate(batch, self.core.policies, members, facilities, ledger.accumulators_of)
+        ev = evaluate(batch, self.core.policies, members, facilities, ledger.accumulators_of,
+                      cached=self.core.ledger.local_reads)
         return encode(batch, ev, members)
 
     def settle(self, request: RawBatch, context) -> bytes:
@@ -754,7 +759,8 @@ class BatchService:
 
 
 def batch_handlers(servicer) -> dict:
-    """The two methods' handlers, for ``server.wire.add_settlement_service``."""
+    """The batch methods' handlers, for ``server.wire.add_settlement_service``: the two unary
+    ones and their streams (one batch per message, answered in order, one at a time)."""
     svc = BatchService(servicer.core)
     from server.service import rpc
 
@@ -764,13 +770,32 @@ def batch_handlers(servicer) -> dict:
     def SettleBatch(self, request, context):
         return svc.settle(request, context)
 
-    pre = rpc(PreSettleBatch).__get__(servicer)
-    full = rpc(SettleBatch).__get__(servicer)
+    # the streams' batches: each logged and its errors mapped as a unary call's
+    def PreSettleBatchStream(self, request, context):
+        return svc.pre_settle(request, context)
+
+    def SettleBatchStream(self, request, context):
+        return svc.settle(request, context)
+
     raw = RawBatch.FromString
 
     def ident(b):
         return b
-    return {"PreSettleBatch": grpc.unary_unary_rpc_method_handler(
-                pre, request_deserializer=raw, response_serializer=ident),
-            "SettleBatch": grpc.unary_unary_rpc_method_handler(
-                full, request_deserializer=raw, response_serializer=ident)}
+
+    def unary(method):
+        return grpc.unary_unary_rpc_method_handler(
+            rpc(method).__get__(servicer), request_deserializer=raw, response_serializer=ident)
+
+    def stream(method):
+        one = rpc(method).__get__(servicer)
+
+        def each(request_iterator, context):
+            for request in request_iterator:
+                # an error aborts the call: the stream ends with that batch's status
+                yield one(request, context)
+        return grpc.stream_stream_rpc_method_handler(
+            each, request_deserializer=raw, response_serializer=ident)
+
+    return {"PreSettleBatch": unary(PreSettleBatch), "SettleBatch": unary(SettleBatch),
+            "PreSettleBatchStream": stream(PreSettleBatchStream),
+            "SettleBatchStream": stream(SettleBatchStream)}

@@ -259,6 +259,38 @@ def test_a_facility_settles_batches_only_as_itself(pki, srv, method):
     assert not list(ledger.journal())
 
 
+@pytest.mark.parametrize("method", ["SettleBatchStream", "PreSettleBatchStream"])
+def test_a_facility_streams_batches_only_as_itself(pki, srv, method):
+    """The rule applies to every batch of a stream as it arrives: the caller's own batches are
+    answered, the first naming another facility ends the stream, PERMISSION_DENIED, and
+    nothing of it or after it is settled."""
+    target, ledger = srv
+    own = [st.SettleBatchRequest(requests=[inpatient(f"s{k}", "M1", "H3", 100_000)])
+           for k in range(2)]
+    other = st.SettleBatchRequest(requests=[inpatient("s9", "M1", "H2", 100_000)])
+    after = st.SettleBatchRequest(requests=[inpatient("s10", "M1", "H3", 100_000)])
+    with as_caller(pki, target) as c:
+        with pytest.raises(grpc.RpcError) as e:
+            list(getattr(c.settlement, method)(iter(own), timeout=10))
+        assert e.value.code() == grpc.StatusCode.UNAUTHENTICATED
+    with as_caller(pki, target, "tok-h3") as c:
+        call = getattr(c.settlement, method)
+        answered = []
+        with pytest.raises(grpc.RpcError) as e:
+            for r in call(iter([*own, other, after]), timeout=10):
+                answered.append(r)
+        assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED, e.value.details()
+        assert "H2" in e.value.details()
+        assert [list(r.results.code) for r in answered] == [[0], [0]]
+        raw = c.channel.stream_stream(f"/reimburse.v1.SettlementService/{method}",
+                                      request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as e:
+            list(raw(iter([b"\x12\x02\xff"]), timeout=10))   # no message: refused
+        assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
+    journal = sorted(r.request_id for r in ledger.journal())
+    assert journal == (["s0", "s1"] if method == "SettleBatchStream" else [])
+
+
 def test_a_facility_reverses_only_its_own_settlements(pki, srv):
     target, ledger = srv
     with as_caller(pki, target, "tok-h3") as h3, as_caller(pki, target, "tok-h2") as h2:

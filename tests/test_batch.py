@@ -1,5 +1,6 @@
 """PreSettleBatch and SettleBatch: the columnar codec, results equal to settling one by one,
-per-claim refusals, one transaction per batch, idempotency per claim (also across Settle)."""
+per-claim refusals, one transaction per batch, idempotency per claim (also across Settle);
+their streams: batches in order, a failing batch ends the stream."""
 from __future__ import annotations
 
 import random
@@ -255,6 +256,88 @@ def test_a_batch_whose_commit_fails_commits_nothing_and_can_be_resent(tmp_path):
         assert not any(res.code) and not any(res.replayed)
         assert len(list(ledger.journal())) == 50
         assert verify(ledger) == []
+
+
+def _part(cols: st.ClaimColumns, a: int, b: int) -> st.SettleBatchRequest:
+    """Claims a..b-1 of ``cols`` as a batch of their own (same id tables)."""
+    out = st.ClaimColumns(member_ids=cols.member_ids, facility_ids=cols.facility_ids)
+    for f in ("member", "facility", "kind", "service_date", "total_fen", "full_selfpay_fen",
+              "over_limit_fen", "pre_selfpay_fen", "flags", "request_ids"):
+        getattr(out, f).extend(getattr(cols, f)[a:b])
+    return st.SettleBatchRequest(claims=out)
+
+
+def test_a_stream_of_batches_is_the_batches_in_order(srv):
+    """Each batch of a stream is answered as its own call would be, and later batches see the
+    earlier ones: three parts streamed settle as the whole in one SettleBatch."""
+    c = srv.client
+    pop = workload.population(30, seed=13, prefix="S")
+    _register(c, pop)
+    cols = _claims(pop, n=240, members=6, seed=14)
+    parts = [_part(cols, 0, 70), _part(cols, 70, 150), _part(cols, 150, 240)]
+    pre = [r.results for r in c.settlement.PreSettleBatchStream(iter(parts), timeout=30)]
+    assert [_rows(r) for r in pre] == [
+        _rows(c.call(c.settlement.PreSettleBatch, p).results) for p in parts]
+    done = [r.results for r in c.settlement.SettleBatchStream(iter(parts), timeout=30)]
+    with running_server(MemoryLedger()) as other:
+        _register(other.client, pop)
+        whole = other.client.call(other.client.settlement.SettleBatch,
+                                  st.SettleBatchRequest(claims=cols)).results
+    assert sum((_rows(r) for r in done), []) == _rows(whole)
+    assert not any(x for r in done for x in r.replayed)
+    assert len(list(srv.ledger.journal())) == 240
+    # the stream again: every claim a replay of its settlement, nothing settled twice
+    again = [r.results for r in c.settlement.SettleBatchStream(iter(parts), timeout=30)]
+    assert all(all(r.replayed) for r in again)
+    assert [list(r.settlement_ids) for r in again] == [list(r.settlement_ids) for r in done]
+    assert len(list(srv.ledger.journal())) == 240
+    if hasattr(srv.ledger, "audit"):
+        assert verify(srv.ledger) == []
+
+
+def test_a_failing_batch_ends_the_stream_and_the_batches_before_it_stand(srv):
+    c = srv.client
+    pop = workload.population(10, seed=15, prefix="E")
+    _register(c, pop)
+    cols = _claims(pop, n=30, members=3, seed=16)
+    good, later = _part(cols, 0, 10), _part(cols, 20, 30)
+    bad = _part(cols, 10, 20)
+    del bad.claims.request_ids[3:]                   # SettleBatch needs one id per claim
+    answered = []
+    with pytest.raises(grpc.RpcError) as e:
+        for r in c.settlement.SettleBatchStream(iter([good, bad, later]), timeout=30):
+            answered.append(r.results)
+    assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "request id" in e.value.details()
+    assert len(answered) == 1 and not any(answered[0].code)
+    journal = {r.request_id for r in srv.ledger.journal()}
+    assert journal == set(good.claims.request_ids)
+    # resending from the failed batch on settles the rest, the first batch stays as it was
+    rest = [r.results for r in c.settlement.SettleBatchStream(iter([good, later]), timeout=30)]
+    assert all(rest[0].replayed) and not any(rest[1].replayed)
+    assert list(rest[0].settlement_ids) == list(answered[0].settlement_ids)
+
+
+def test_a_batch_sees_a_member_changed_since_the_batch_before(srv):
+    """What a member record gives a batch is kept between batches while the record is the
+    cached one (server/_wire.pyx member_table): a registry change must show at once."""
+    c = srv.client
+    pop = workload.population(8, seed=17, prefix="U")
+    _register(c, pop)
+    cols = _claims(pop, n=12, members=3, seed=18)
+    del cols.flags[:]                                # no account payments: balance_after = balance
+    req = st.SettleBatchRequest(claims=cols)
+    first = {cols.member[i]: i for i in reversed(range(12))}   # each member's first claim
+    by_id = {m.member_id: m for m in pop.members}
+
+    def balances():
+        res = c.call(c.settlement.PreSettleBatch, req).results
+        return {k: res.balance_after_fen[i] for k, i in first.items()}
+    assert balances() == {k: by_id[cols.member_ids[k]].account_balance_fen for k in first}
+    changed = by_id[cols.member_ids[cols.member[0]]]
+    changed.account_balance_fen += 12_345
+    c.call(c.registry.UpsertMember, reg.UpsertMemberRequest(member=changed))
+    assert balances() == {k: by_id[cols.member_ids[k]].account_balance_fen for k in first}
 
 
 def test_a_malformed_batch_is_invalid_argument(srv):

@@ -143,13 +143,29 @@ def test_evaluate_raising_or_an_invalid_outcome_writes_nothing(backend, ledger):
     bad = [Outcome({"T1": (-1, 0)}, 0, 0, "v", b""),              # negative delta
            Outcome({"T1": (1.5, 0)}, 0, 0, "v", b""),             # not an int
            Outcome({"T1": (1, 1)}, 10_001, 0, "v", b""),          # overdraws the account
-           Outcome({"T1": (1, 1)}, -5, 0, "v", b"")]              # negative account payment
+           Outcome({"T1": (1, 1)}, -5, 0, "v", b""),              # negative account payment
+           Outcome({"T1": (True, 0)}, 0, 0, "v", b"")]            # a bool is not an amount
     for i, out in enumerate(bad):
         with pytest.raises(ValueError):
             settle(ledger, f"bad{i}", lambda state, out=out: out)
     assert dump(backend) == before
     # the key was not consumed: the same request settles once the evaluation succeeds
     assert settle(ledger, "r1", paying(100, 1000)).created
+
+
+def test_sqlite_stores_deltas_as_the_json_encoder_writes_them(tmp_path):
+    """SQLite formats the journal's deltas itself (one encoder call per settlement was a
+    tenth of a batch's commit): the same text as ``enc_json`` of the same mapping."""
+    from server.ledger.sqlbase import SqlLedger
+    from server.ledger.sqlite import SqliteLedger
+    ledger = SqliteLedger(str(tmp_path / "l.db"))
+    try:
+        for deltas in ({}, {"inpatient_tier1": (1, 2)},
+                       {"a": (0, 123_456_789_012_345), 'q"uote\\': (5, 0), "层级": (7, 7)}):
+            deltas = dict(sorted(deltas.items()))
+            assert ledger.enc_deltas(deltas) == SqlLedger.enc_deltas(ledger, deltas)
+    finally:
+        ledger.close()
 
 
 def test_settle_unknown_member_or_facility(backend, ledger):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Callable, Iterator, Mapping, Protocol
+from typing import Callable, Iterator, Mapping, NamedTuple, Protocol
 
 from engine.model import Accumulators
 
@@ -119,9 +119,9 @@ class SettleResult:
     created: bool                      # False: an earlier settlement with this request id
 
 
-@dataclass(frozen=True)
-class BatchItem:
-    """One claim of ``settle_batch``: its idempotency key and member-year."""
+class BatchItem(NamedTuple):
+    """One claim of ``settle_batch``: its idempotency key and member-year (a tuple: a batch
+    makes thousands)."""
 
     facility_id: str
     request_id: str

@@ -75,16 +75,19 @@ def check_outcome(out: Outcome, balance_fen: int) -> dict[str, tuple[int, int]]:
     """
     deltas: dict[str, tuple[int, int]] = {}
     for layer, pair in sorted(dict(out.deltas).items()):
-        if not isinstance(layer, str) or not layer:
+        if type(layer) is not str or not layer:
             raise ValueError(f"outcome delta layer id {layer!r} is not a non-empty string")
         paid, base = pair
-        if not (_is_int(paid) and _is_int(base)) or paid < 0 or base < 0:
+        # type(x) is int: a bool (or any other int subclass) is not an amount
+        if type(paid) is not int or type(base) is not int or paid < 0 or base < 0:
             raise ValueError(f"outcome delta of layer {layer!r} is {pair!r}: need two ints >= 0")
-        if (paid, base) != (0, 0):
+        if paid or base:
             deltas[layer] = (paid, base)
-    for name in ("account_paid_fen", "chain_deductible_after_fen", "fund_total_fen"):
-        if not _is_int(getattr(out, name)):
-            raise ValueError(f"outcome {name} is not an int: {getattr(out, name)!r}")
+    if not (type(out.account_paid_fen) is int and type(out.chain_deductible_after_fen) is int
+            and type(out.fund_total_fen) is int):
+        for name in ("account_paid_fen", "chain_deductible_after_fen", "fund_total_fen"):
+            if not _is_int(getattr(out, name)):
+                raise ValueError(f"outcome {name} is not an int: {getattr(out, name)!r}")
     if out.account_paid_fen < 0:
         raise ValueError(f"outcome account_paid_fen {out.account_paid_fen} is negative")
     if out.account_paid_fen > 0 and out.account_paid_fen > balance_fen:
@@ -121,6 +124,10 @@ class SqlLedger(BulkReads):
     def dec_date(self, v: Any) -> date | None: return v
     def enc_bool(self, b: bool) -> Any: return bool(b)
     def enc_json(self, obj: Any) -> Any: return _SORTED_JSON(obj)
+
+    def enc_deltas(self, deltas: dict[str, tuple[int, int]]) -> Any:
+        """The journal's deltas column (``check_outcome``'s sorted deltas)."""
+        return self.enc_json({k: list(v) for k, v in deltas.items()})
     def dec_json(self, v: Any) -> Any: return v
     def enc_ts(self, t: datetime | None) -> Any: return t
     def dec_ts(self, v: Any) -> datetime | None: return v
@@ -348,7 +355,7 @@ class SqlLedger(BulkReads):
             self._x(cur, f"INSERT INTO settlements ({SETTLEMENT_COLS}) "
                          "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (rec.settlement_id, facility_id, request_id, request_hash, member_id, year,
-                     "SETTLED", self.enc_json({k: list(v) for k, v in deltas.items()}),
+                     "SETTLED", self.enc_deltas(deltas),
                      rec.account_paid_fen, rec.chain_deductible_after_fen, rec.policy_version,
                      rec.result, rec.fund_total_fen, self.enc_ts(now), None))
             self._add(cur, member_id, year, deltas, +1)
@@ -447,7 +454,7 @@ class SqlLedger(BulkReads):
                     fund_total_fen=out.fund_total_fen, created_at=now, reversed_at=None)
                 inserts.append((rec.settlement_id, it.facility_id, it.request_id,
                                 it.request_hash, it.member_id, it.year, "SETTLED",
-                                self.enc_json({k: list(v) for k, v in deltas.items()}),
+                                self.enc_deltas(deltas),
                                 rec.account_paid_fen, rec.chain_deductible_after_fen,
                                 rec.policy_version, rec.result, rec.fund_total_fen,
                                 self.enc_ts(now), None))

@@ -35,12 +35,14 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from datetime import date, datetime
+from functools import lru_cache
 from typing import Any, Callable, Iterator
 
 from engine.model import Accumulators
 from server.ledger.base import BulkReads, FacilityRecord, LedgerUnavailable, MemberRecord
 from server.ledger.sqlbase import SqlLedger
 
+_json_str = lru_cache(maxsize=4096)(json.dumps)   # a layer id as a JSON string
 CACHE_MAX = 200_000   # entries; the cache is simply dropped when it grows past this
 WAL_INDEX_HEADER = 48  # bytes: the first copy of the wal-index header (walformat.html 2.1)
 
@@ -363,6 +365,11 @@ class SqliteLedger(SqlLedger):
 
     def dec_json(self, v: Any) -> Any:
         return json.loads(v)
+
+    def enc_deltas(self, deltas: dict[str, tuple[int, int]]) -> Any:
+        # enc_json's text (keys already sorted, ints), without an encoder call per settlement
+        return "{" + ", ".join(f"{_json_str(k)}: [{p}, {b}]"
+                               for k, (p, b) in deltas.items()) + "}"
 
     def enc_ts(self, t: datetime | None) -> Any:
         return None if t is None else t.isoformat(timespec="microseconds")
