@@ -7,6 +7,7 @@ process concerns: configuration, logging, signals and a graceful drain.
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from server.wire import add_echo_service, add_settlement_service
 log = logging.getLogger("reimburse.server")
 
 MAX_MESSAGE_BYTES = 4 * 1024 * 1024   # 10,000 line items fit in well under 1 MiB
+GC_GEN0 = 10_000   # allocations between young collections (Python's default 700)
 SERVICES = (
     settlement_pb2.DESCRIPTOR.services_by_name["SettlementService"].full_name,
     registry_pb2.DESCRIPTOR.services_by_name["RegistryService"].full_name,
@@ -169,6 +171,13 @@ def serve(argv: list[str] | None = None) -> int:
         ledger.close()
         log.error({"event": "cannot listen", "address": args.listen, "error": str(e)})
         return 2
+    # What exists now (policies, modules, descriptors) lives as long as the process: out of
+    # the collector's sight, and young collections less often. Under load this took the
+    # collector from ~1.5 % of the server's CPU to ~0.2 % and its longest pause from 33 to
+    # 18-23 ms (docs/performance.md).
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(GC_GEN0, *gc.get_threshold()[1:])
     server.start()
     host = args.listen.rsplit(":", 1)[0]
     log.info({"event": "listening", "address": f"{host}:{port}", "port": port,
