@@ -465,8 +465,7 @@ class Gatekeeper(grpc.ServerInterceptor):
         if h.request_streaming:
             return h if rule is None else self._guard_stream(method, h, rule)
         deser = h.request_deserializer
-        name = getattr(getattr(deser, "__self__", None), "DESCRIPTOR", None)
-        type_name = name.full_name if name is not None else "request"
+        type_name = _type_name(deser)
         kind = "unary_stream" if h.response_streaming else "unary_unary"
         behavior = getattr(h, kind)
 
@@ -482,13 +481,7 @@ class Gatekeeper(grpc.ServerInterceptor):
                       f"{type(request.error).__name__}", caller)
             if rule is None:
                 return behavior(request, context)
-            try:
-                problem = rule(caller, request)
-            except DecodeError as e:  # a request parsed lazily (server.batch.RawBatch)
-                _deny(context, method, grpc.StatusCode.INVALID_ARGUMENT,
-                      f"the request is not a valid {type_name} message: {e}", caller)
-            if problem:
-                _deny(context, method, grpc.StatusCode.PERMISSION_DENIED, problem, caller)
+            _check(context, method, rule, caller, request, type_name)
             token = _caller.set(caller)
             try:
                 return behavior(request, context)
@@ -506,6 +499,7 @@ class Gatekeeper(grpc.ServerInterceptor):
         the servicer works on the stream."""
         kind = "stream_stream" if h.response_streaming else "stream_unary"
         behavior = getattr(h, kind)
+        type_name = _type_name(h.request_deserializer)
 
         def guarded(request_iterator, context):
             caller, why = self.identify(context)
@@ -517,14 +511,7 @@ class Gatekeeper(grpc.ServerInterceptor):
 
             def checked():
                 for request in request_iterator:
-                    try:
-                        problem = rule(caller, request)
-                    except DecodeError as e:  # a request parsed lazily (server.batch.RawBatch)
-                        _deny(context, method, grpc.StatusCode.INVALID_ARGUMENT,
-                              f"the request is not a valid message: {e}", caller)
-                    if problem:
-                        _deny(context, method, grpc.StatusCode.PERMISSION_DENIED, problem,
-                              caller)
+                    _check(context, method, rule, caller, request, type_name)
                     yield request
 
             token = _caller.set(caller)
@@ -536,6 +523,24 @@ class Gatekeeper(grpc.ServerInterceptor):
                 return out
             return _each_as(caller, out)
         return h._replace(**{kind: guarded})
+
+
+def _type_name(deserializer) -> str:
+    """The request type's full name, from a message class's ``FromString``."""
+    desc = getattr(getattr(deserializer, "__self__", None), "DESCRIPTOR", None)
+    return desc.full_name if desc is not None else "request"
+
+
+def _check(context, method: str, rule: Rule, caller: Principal, request, type_name: str):
+    """The method's rule for this caller and request: PERMISSION_DENIED when it refuses,
+    INVALID_ARGUMENT when the request, parsed only now, is not a valid message."""
+    try:
+        problem = rule(caller, request)
+    except DecodeError as e:  # a request parsed lazily (server.batch.RawBatch)
+        _deny(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+              f"the request is not a valid {type_name} message: {e}", caller)
+    if problem:
+        _deny(context, method, grpc.StatusCode.PERMISSION_DENIED, problem, caller)
 
 
 def _each_as(caller, responses):
