@@ -144,7 +144,8 @@ def test_evaluate_raising_or_an_invalid_outcome_writes_nothing(backend, ledger):
            Outcome({"T1": (1.5, 0)}, 0, 0, "v", b""),             # not an int
            Outcome({"T1": (1, 1)}, 10_001, 0, "v", b""),          # overdraws the account
            Outcome({"T1": (1, 1)}, -5, 0, "v", b""),              # negative account payment
-           Outcome({"T1": (True, 0)}, 0, 0, "v", b"")]            # a bool is not an amount
+           Outcome({"T1": (True, 0)}, 0, 0, "v", b""),            # a bool is not an amount
+           Outcome({"T1": (1, 1)}, 0, 0.5, "v", b"")]             # chain deductible not an int
     for i, out in enumerate(bad):
         with pytest.raises(ValueError):
             settle(ledger, f"bad{i}", lambda state, out=out: out)

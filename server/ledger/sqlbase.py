@@ -85,9 +85,9 @@ def check_outcome(out: Outcome, balance_fen: int) -> dict[str, tuple[int, int]]:
             deltas[layer] = (paid, base)
     if not (type(out.account_paid_fen) is int and type(out.chain_deductible_after_fen) is int
             and type(out.fund_total_fen) is int):
-        for name in ("account_paid_fen", "chain_deductible_after_fen", "fund_total_fen"):
-            if not _is_int(getattr(out, name)):
-                raise ValueError(f"outcome {name} is not an int: {getattr(out, name)!r}")
+        name = next(n for n in ("account_paid_fen", "chain_deductible_after_fen",
+                                "fund_total_fen") if type(getattr(out, n)) is not int)
+        raise ValueError(f"outcome {name} is not an int: {getattr(out, name)!r}")
     if out.account_paid_fen < 0:
         raise ValueError(f"outcome account_paid_fen {out.account_paid_fen} is negative")
     if out.account_paid_fen > 0 and out.account_paid_fen > balance_fen:
