@@ -9,6 +9,8 @@
     settlement SETTLEMENT_ID                   show a settlement as returned, current status
     accumulators MEMBER_ID [--year Y] [--as-of YYYY-MM-DD]
     member MEMBER_ID | facility FACILITY_ID    show a registry entry
+    settle-batch CLAIMS.jsonl [--batch N]      settle every claim of a file (one a line)
+    presettle-batch CLAIMS.jsonl [--batch N]   over one stream of batches; a JSON line each
     import members|facilities FILE.csv|FILE.jsonl
     policy show [--region R] [--date YYYY-MM-DD]
 
@@ -16,7 +18,10 @@ A claim file is a scenario claim (shared/spec/scenarios.md) plus the ids:
     {"request_id": "H3-20180305-0001", "member_id": "M1", "facility_id": "H3",
      "kind": "INPATIENT", "date": "2018-03-05",
      "items": [{"category": "A", "amount": "30000.00"}], "use_account": false}
-with "referral_from" naming the settlement id of the referring admission.
+with "referral_from" naming the settlement id of the referring admission. A batch file holds
+one such object a line; the whole file is checked before anything is sent, and each claim's
+result is printed as a JSON line (its line number, request id, code and amounts, or its error).
+The stream's deadline is --timeout for each batch.
 Amounts are printed in yuan; --json prints the reply as protobuf JSON (amounts in fen).
 
 Import columns (CSV header or JSONL keys; only the ids and the first two are required):
@@ -31,6 +36,7 @@ Booleans in CSV: true/false, 1/0, yes/no or empty (false; designated: true).
 from __future__ import annotations
 
 import argparse
+import collections
 import csv
 import json
 import os
@@ -41,7 +47,7 @@ from typing import Any, Iterator
 
 import grpc
 from google.protobuf import json_format
-from google.rpc import error_details_pb2
+from google.rpc import code_pb2, error_details_pb2
 from grpc_status import rpc_status
 
 from engine.claims import check_enum, check_keys, parse_bill, parse_date, parse_flag
@@ -66,7 +72,13 @@ NHSA = {"total_fen": "medfee_sumamt", "full_selfpay_fen": "fulamt_ownpay_amt",
 
 def read_claim(path: str) -> tuple[dict, Claim]:
     """A claim file: the ids, and the claim validated as the engine validates scenario claims."""
-    raw = json.loads(Path(path).read_text(encoding="utf-8"))
+    return claim_from_json(json.loads(Path(path).read_text(encoding="utf-8")))
+
+
+def claim_from_json(raw: Any) -> tuple[dict, Claim]:
+    """One claim object (a claim file's, a line of a batch file's)."""
+    if not isinstance(raw, dict):
+        raise InvalidInput("claim", "must be a JSON object")
     check_keys(raw, "claim", {"request_id", "member_id", "facility_id", "kind", "date"},
                CLAIM_OPTIONAL)
     kind = check_enum(raw["kind"], "claim.kind", CLAIM_KINDS, "claim kind")
@@ -84,6 +96,99 @@ def read_claim(path: str) -> tuple[dict, Claim]:
     ids = {k: str(raw[k]) for k in ("request_id", "member_id", "facility_id")}
     ids["referral_from"] = str(raw.get("referral_from") or "")
     return ids, claim
+
+
+def settle_request(ids: dict, claim: Claim, trace: bool = False) -> st.SettleRequest:
+    return convert.settle_request(claim, request_id=ids["request_id"],
+                                  member_id=ids["member_id"], facility_id=ids["facility_id"],
+                                  referral_from=ids["referral_from"], want_trace=trace)
+
+
+# --- batch files ---------------------------------------------------------------------------
+
+def _claim_lines(path: str) -> Iterator[tuple[int, st.SettleRequest]]:
+    """The claims of a JSONL file, one object a line (blank lines skipped), as requests;
+    ``InvalidInput`` naming the line of the first bad one."""
+    with open(path, encoding="utf-8") as f:
+        for line, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield line, settle_request(*claim_from_json(json.loads(text)))
+            except json.JSONDecodeError as e:
+                raise InvalidInput("claim", f"{path}:{line}: not JSON: {e}") from None
+            except InvalidInput as e:
+                raise InvalidInput(e.field, f"{path}:{line}: {e.problem}") from None
+
+
+def do_batch(client: Client, path: str, size: int, commit: bool) -> int:
+    """Every claim of a JSONL file through one stream of batches of ``size``
+    (SettleBatchStream, or PreSettleBatchStream): one JSON line per claim on stdout, in
+    order, and a summary on stderr. The whole file is checked before anything is sent."""
+    if size < 1:
+        raise InvalidInput("--batch", "must be at least 1")
+    claims = sum(1 for _ in _claim_lines(path))
+    batches = -(-claims // size)
+    sent: collections.deque = collections.deque()    # (lines, request ids) of each batch
+
+    def requests():
+        pending: list = []
+        for line, req in _claim_lines(path):
+            pending.append((line, req))
+            if len(pending) == size:
+                yield _batch(pending)
+                pending = []
+        if pending:
+            yield _batch(pending)
+
+    def _batch(pending) -> st.SettleBatchRequest:
+        sent.append([(line, req.request_id) for line, req in pending])
+        return st.SettleBatchRequest(requests=[req for _, req in pending])
+
+    method = client.settlement.SettleBatchStream if commit else \
+        client.settlement.PreSettleBatchStream
+    done = "settled" if commit else "pre-settled"
+    counts = {done: 0, "replayed": 0, "refused": 0}
+    answered = 0
+    try:
+        for reply in method(requests(), timeout=client.timeout * max(1, batches)):
+            for row in _batch_rows(sent.popleft(), reply.results):
+                counts["refused" if row["code"] != "OK" else
+                       "replayed" if row.get("replayed") else done] += 1
+                print(json.dumps(row, ensure_ascii=False))
+            answered += 1
+    except grpc.RpcError as e:
+        so_far = ", ".join(f"{v} {k}" for k, v in counts.items())
+        print(f"{describe_error(e)}\nthe stream ended after {answered} of {batches} batches "
+              f"({so_far}); claims from line {sent[0][0][0] if sent else '?'} on were not "
+              f"handled: run the file again (settled claims are answered as replays)",
+              file=sys.stderr)
+        return 1
+    print(", ".join(f"{v} {k}" for k, v in counts.items())
+          + f" ({claims} claims, {batches} batches)", file=sys.stderr)
+    return 1 if counts["refused"] else 0
+
+
+def _batch_rows(meta: list[tuple[int, str]], res: st.SettlementColumns) -> Iterator[dict]:
+    errors = {e.index: e for e in res.errors}
+    for i, (line, rid) in enumerate(meta):
+        row: dict[str, Any] = {"line": line, "request_id": rid}
+        e = errors.get(i)
+        if e is not None:
+            row["code"] = code_pb2.Code.Name(e.code)
+            row["error"] = e.message
+            for name in ("field", "reason"):
+                if getattr(e, name):
+                    row[name] = getattr(e, name)
+            yield row
+            continue
+        row["code"] = "OK"
+        if res.settlement_ids:
+            row["settlement_id"] = res.settlement_ids[i]
+            row["replayed"] = res.replayed[i]
+        for name in ("fund_total", "patient_total", "account_paid", "cash"):
+            row[name] = format_yuan(getattr(res, f"{name}_fen")[i])
+        yield row
 
 
 # --- printing ------------------------------------------------------------------------------
@@ -265,6 +370,11 @@ def parser() -> argparse.ArgumentParser:
         p.add_argument("claim")
         p.add_argument("--trace", action="store_true", help="print the explanation trace")
         p.add_argument("--json", action="store_true", help="print the reply as JSON")
+    for name in ("presettle-batch", "settle-batch"):
+        p = sub.add_parser(name, help=f"{name.split('-')[0]} every claim of a JSONL file "
+                                      "over one stream of batches")
+        p.add_argument("claims", help="one claim object a line")
+        p.add_argument("--batch", type=int, default=1000, help="claims a batch (%(default)s)")
     p = sub.add_parser("reverse", help="reverse a settlement")
     p.add_argument("settlement_id")
     p.add_argument("--facility", required=True, help="the facility that settled it")
@@ -293,12 +403,10 @@ def parser() -> argparse.ArgumentParser:
 
 def run(client: Client, args: argparse.Namespace) -> int:
     c = args.command
+    if c in ("presettle-batch", "settle-batch"):
+        return do_batch(client, args.claims, args.batch, commit=c == "settle-batch")
     if c in ("presettle", "settle"):
-        ids, claim = read_claim(args.claim)
-        req = convert.settle_request(claim, request_id=ids["request_id"],
-                                     member_id=ids["member_id"],
-                                     facility_id=ids["facility_id"],
-                                     referral_from=ids["referral_from"], want_trace=args.trace)
+        req = settle_request(*read_claim(args.claim), trace=args.trace)
         method = client.settlement.PreSettle if c == "presettle" else client.settlement.Settle
         reply = client.call(method, req)
         text = format_settlement(reply.settlement, args.trace)

@@ -106,3 +106,47 @@ def test_server_side_field_violations_are_printed(cli):
     (cli.dir / "bad.json").write_text(json.dumps(bad), encoding="utf-8")
     code, _, err = cli("settle", str(cli.dir / "bad.json"))
     assert code == 1 and "INVALID_ARGUMENT" in err and "\n  request_id:" in err
+
+
+def test_settle_a_file_of_claims_over_one_stream_of_batches(cli, memory_server):
+    cli("import", "facilities", str(cli.dir / "facilities.csv"))
+    cli("import", "members", str(cli.dir / "members.jsonl"))
+    claims = [dict(CLAIM, request_id=f"B-{k}") for k in range(4)]
+    claims[2] = dict(claims[2], member_id="NOBODY")
+    path = cli.dir / "claims.jsonl"
+    path.write_text("\n".join(json.dumps(c) for c in claims) + "\n\n", encoding="utf-8")
+    code, out, err = cli("presettle-batch", str(path), "--batch", "3")
+    assert code == 1 and "3 pre-settled, 0 replayed, 1 refused (4 claims, 2 batches)" in err
+    assert not list(memory_server.ledger.journal())
+    code, out, err = cli("settle-batch", str(path), "--batch", "3")
+    rows = [json.loads(line) for line in out.splitlines()]
+    assert code == 1 and "3 settled, 0 replayed, 1 refused (4 claims, 2 batches)" in err
+    assert [(r["line"], r["request_id"], r["code"]) for r in rows] == [
+        (1, "B-0", "OK"), (2, "B-1", "OK"), (3, "B-2", "NOT_FOUND"), (4, "B-3", "OK")]
+    assert "NOBODY" in rows[2]["error"]
+    assert sorted(r.request_id for r in memory_server.ledger.journal()) == ["B-0", "B-1", "B-3"]
+    # each claim as the single call settles it: B-0 alone from a fresh account would pay what
+    # the batch's first claim paid; the account runs down over B-0, B-1, B-3 in order
+    code, out, _ = cli("settlement", rows[0]["settlement_id"], "--json")
+    first = json.loads(out)["settlement"]
+    assert rows[0]["fund_total"] == f"{int(first['fund_total_fen']) / 100:.2f}"
+    assert rows[0]["account_paid"] == "1200.50"            # M1's whole balance, at once
+    assert rows[1]["account_paid"] == rows[3]["account_paid"] == "0.00"
+    # again: every settled claim is a replay of its settlement, nothing settles twice
+    code, out, err = cli("settle-batch", str(path), "--batch", "3")
+    again = [json.loads(line) for line in out.splitlines()]
+    assert "0 settled, 3 replayed, 1 refused" in err
+    assert [r.get("settlement_id") for r in again] == [r.get("settlement_id") for r in rows]
+    assert len(list(memory_server.ledger.journal())) == 3
+
+
+def test_a_bad_line_of_a_batch_file_is_named_and_nothing_is_sent(cli, memory_server):
+    cli("import", "facilities", str(cli.dir / "facilities.csv"))
+    cli("import", "members", str(cli.dir / "members.jsonl"))
+    path = cli.dir / "claims.jsonl"
+    bad = dict(CLAIM, request_id="X-2", items=[{"category": "A", "amount": "12.345"}])
+    path.write_text("\n".join(json.dumps(c) for c in (dict(CLAIM, request_id="X-1"), bad)),
+                    encoding="utf-8")
+    code, _, err = cli("settle-batch", str(path))
+    assert code == 2 and "claims.jsonl:2" in err and "items[0].amount" in err
+    assert not list(memory_server.ledger.journal())
