@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import random
 import sqlite3
+import tempfile
 from array import array
+from pathlib import Path
 
 import grpc
 import pytest
 from google.rpc import code_pb2
+from hypothesis import given, settings
+from hypothesis import strategies as hs
 
 from benchmarks import batchload, workload
 from reimburse.v1 import registry_pb2 as reg
@@ -293,6 +297,33 @@ def test_a_stream_of_batches_is_the_batches_in_order(srv):
     assert len(list(srv.ledger.journal())) == 240
     if hasattr(srv.ledger, "audit"):
         assert verify(srv.ledger) == []
+
+
+@settings(max_examples=12, deadline=None, database=None)
+@given(cuts=hs.lists(hs.integers(1, 119), max_size=6, unique=True))
+def test_however_a_batch_is_cut_into_a_stream_the_ledger_ends_the_same(cuts):
+    """Any cut of 120 claims into stream messages settles them as one SettleBatch does: the
+    same results claim by claim, the same accumulators and balances."""
+    pop = workload.population(12, seed=19, prefix="H")
+    cols = _claims(pop, n=120, members=5, seed=20)
+    bounds = [0, *sorted(cuts), 120]
+    parts = [_part(cols, a, b) for a, b in zip(bounds, bounds[1:])]
+    with tempfile.TemporaryDirectory() as d, \
+            running_server(sqlite_ledger(Path(d) / "a.db")) as a, \
+            running_server(MemoryLedger()) as b:
+        _register(a.client, pop)
+        _register(b.client, pop)
+        streamed = [r.results for r in a.client.settlement.SettleBatchStream(iter(parts),
+                                                                            timeout=30)]
+        whole = b.client.call(b.client.settlement.SettleBatch,
+                              st.SettleBatchRequest(claims=cols)).results
+        assert sum((_rows(r) for r in streamed), []) == _rows(whole)
+        for m in pop.members:
+            assert a.ledger.get_member(m.member_id) == b.ledger.get_member(m.member_id)
+            for year in (2018, 2019, 2020):
+                assert a.ledger.accumulators(m.member_id, year) == \
+                    b.ledger.accumulators(m.member_id, year)
+        assert verify(a.ledger) == []
 
 
 def test_a_failing_batch_ends_the_stream_and_the_batches_before_it_stand(srv):
