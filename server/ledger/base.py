@@ -82,9 +82,9 @@ class MemberState:
     facility: FacilityRecord | None = None   # the settling facility, read in the same moment
 
 
-@dataclass(frozen=True)
-class Outcome:
-    """What the evaluation callback returns for the ledger to commit atomically."""
+class Outcome(NamedTuple):
+    """What the evaluation callback returns for the ledger to commit atomically (a tuple: a
+    batch makes thousands)."""
 
     deltas: Mapping[str, tuple[int, int]]   # layer id -> (paid delta, base delta), all >= 0
     account_paid_fen: int
