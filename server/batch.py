@@ -763,31 +763,25 @@ def batch_handlers(servicer) -> dict:
     ones and their streams (one batch per message, answered in order, one at a time)."""
     svc = BatchService(servicer.core)
     from server.service import rpc
-
-    def PreSettleBatch(self, request, context):
-        return svc.pre_settle(request, context)
-
-    def SettleBatch(self, request, context):
-        return svc.settle(request, context)
-
-    # the streams' batches: each logged and its errors mapped as a unary call's
-    def PreSettleBatchStream(self, request, context):
-        return svc.pre_settle(request, context)
-
-    def SettleBatchStream(self, request, context):
-        return svc.settle(request, context)
-
     raw = RawBatch.FromString
 
     def ident(b):
         return b
 
-    def unary(method):
-        return grpc.unary_unary_rpc_method_handler(
-            rpc(method).__get__(servicer), request_deserializer=raw, response_serializer=ident)
+    def logged(name: str, fn):
+        """``fn(request, context)`` as the servicer method ``name``: its errors mapped and one
+        log line per call (for a stream: per batch) under that name."""
+        def method(self, request, context):
+            return fn(request, context)
+        method.__name__ = method.__qualname__ = name
+        return rpc(method).__get__(servicer)
 
-    def stream(method):
-        one = rpc(method).__get__(servicer)
+    def unary(name: str, fn):
+        return grpc.unary_unary_rpc_method_handler(
+            logged(name, fn), request_deserializer=raw, response_serializer=ident)
+
+    def stream(name: str, fn):
+        one = logged(name, fn)
 
         def each(request_iterator, context):
             for request in request_iterator:
@@ -796,6 +790,7 @@ def batch_handlers(servicer) -> dict:
         return grpc.stream_stream_rpc_method_handler(
             each, request_deserializer=raw, response_serializer=ident)
 
-    return {"PreSettleBatch": unary(PreSettleBatch), "SettleBatch": unary(SettleBatch),
-            "PreSettleBatchStream": stream(PreSettleBatchStream),
-            "SettleBatchStream": stream(SettleBatchStream)}
+    return {"PreSettleBatch": unary("PreSettleBatch", svc.pre_settle),
+            "SettleBatch": unary("SettleBatch", svc.settle),
+            "PreSettleBatchStream": stream("PreSettleBatchStream", svc.pre_settle),
+            "SettleBatchStream": stream("SettleBatchStream", svc.settle)}

@@ -124,13 +124,13 @@ class SqlLedger(BulkReads):
     def dec_date(self, v: Any) -> date | None: return v
     def enc_bool(self, b: bool) -> Any: return bool(b)
     def enc_json(self, obj: Any) -> Any: return _SORTED_JSON(obj)
+    def dec_json(self, v: Any) -> Any: return v
+    def enc_ts(self, t: datetime | None) -> Any: return t
+    def dec_ts(self, v: Any) -> datetime | None: return v
 
     def enc_deltas(self, deltas: dict[str, tuple[int, int]]) -> Any:
         """The journal's deltas column (``check_outcome``'s sorted deltas)."""
         return self.enc_json({k: list(v) for k, v in deltas.items()})
-    def dec_json(self, v: Any) -> Any: return v
-    def enc_ts(self, t: datetime | None) -> Any: return t
-    def dec_ts(self, v: Any) -> datetime | None: return v
 
     # --- plumbing ---------------------------------------------------------------------------
     def _x(self, cur, sql: str, params: tuple = ()):
