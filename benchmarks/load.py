@@ -32,6 +32,11 @@ per server process); or an open loop at ``--rate`` calls per second (still at mo
 most ``--max-requests`` calls per client); ``--rounds`` repeats the list of modes, interleaved,
 and the report keeps each mode's median round. Client and server CPU seconds are measured, so
 the report says when the client, sharing the machine's cores, may be what limits.
+
+Request ids (the settling modes) carry the run id, the round, the mode and the client, and
+count on through warm-up and measurement: no call of a run replays an earlier one, which the
+server would answer from the journal instead of settling (until 2026-12-03 the measured phase
+reused the warm-up's ids and the batch modes of a round shared theirs).
 """
 from __future__ import annotations
 
@@ -182,7 +187,7 @@ def _payloads(mode: str, cfg: dict, client: int):
     """The request bytes a client cycles through, and a function making each call's bytes."""
     from benchmarks import workload
     pop = workload.population(cfg["members"], seed=cfg["seed"], prefix=cfg["prefix"])
-    tag = f"{cfg['run']}c{client}"
+    tag = f"{cfg['run']}-{mode}-c{client}"   # the same ids in two modes would be replays
     if mode.startswith("batch"):
         from benchmarks.batchload import batch_payloads
         return batch_payloads(pop, mode, cfg, client, tag)
@@ -217,6 +222,7 @@ async def _drive(target: str, mode: str, cfg: dict, client: int) -> dict:
     lat: list[float] = []
     errors: dict[str, int] = {}
     counter = [0]
+    seq = [0]   # payloads made, warm-up included: never reset, so no request id is sent twice
     limit = cfg["max_requests"]
     timeout = cfg["timeout"]
 
@@ -235,8 +241,10 @@ async def _drive(target: str, mode: str, cfg: dict, client: int) -> dict:
             t = time.perf_counter()
             if t >= until:
                 return
+            s = seq[0]
+            seq[0] = s + 1
             try:
-                await stubs[method_of(i)](make(i), timeout=timeout)
+                await stubs[method_of(s)](make(s), timeout=timeout)
                 if record:
                     lat.append(time.perf_counter() - t)
             except grpc.aio.AioRpcError as e:
@@ -259,7 +267,7 @@ async def _drive(target: str, mode: str, cfg: dict, client: int) -> dict:
     for ch in channels:
         await ch.close()
     del per_client_rate
-    return {"latencies": lat, "errors": errors, "elapsed": elapsed,
+    return {"latencies": lat, "errors": errors, "elapsed": elapsed, "sent": seq[0],
             "cpu": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)}
 
 
@@ -271,6 +279,7 @@ async def _drive_streams(channels, method: str, make, cfg: dict) -> dict:
     lat: list[float] = []
     errors: dict[str, int] = {}
     counter = [0]
+    seq = [0]   # as in _drive: never reset
 
     async def one(ch, k: int, until: float, record: bool) -> None:
         if not depth[k]:
@@ -279,10 +288,11 @@ async def _drive_streams(channels, method: str, make, cfg: dict) -> dict:
         sent: list[float] = []          # write times of the batches not yet answered
         try:
             async def send() -> None:
-                i = counter[0]
-                counter[0] = i + 1
+                counter[0] += 1
+                s = seq[0]
+                seq[0] = s + 1
                 sent.append(time.perf_counter())
-                await call.write(make(i))
+                await call.write(make(s))
             for _ in range(depth[k]):
                 await send()
             while sent:
@@ -313,7 +323,7 @@ async def _drive_streams(channels, method: str, make, cfg: dict) -> dict:
     ru1 = resource.getrusage(resource.RUSAGE_SELF)
     for ch in channels:
         await ch.close()
-    return {"latencies": lat, "errors": errors, "elapsed": elapsed,
+    return {"latencies": lat, "errors": errors, "elapsed": elapsed, "sent": seq[0],
             "cpu": (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)}
 
 
@@ -360,6 +370,7 @@ def run_mode(target: str, mode: str, cfg: dict, server: SpawnedServer | None = N
            "calls_per_s": round(len(lat) / elapsed, 1) if elapsed else 0.0,
            "claims_per_s": round(len(lat) * batch / elapsed, 1) if elapsed else 0.0,
            "concurrency": cfg["concurrency"], "clients": k, "batch": batch,
+           "sent": sum(r["sent"] for r in results),   # calls made, warm-up included
            "client_cpu_s": round(sum(r["cpu"] for r in results), 2)}
     if server_cpu is not None:
         row["server_cpu_s"] = round(server_cpu, 2)
