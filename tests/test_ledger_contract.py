@@ -5,7 +5,7 @@ import sqlite3
 import subprocess
 import sys
 from dataclasses import replace
-from datetime import date
+from datetime import date, datetime, timedelta, timezone
 
 import pytest
 
@@ -165,6 +165,27 @@ def test_sqlite_stores_deltas_as_the_json_encoder_writes_them(tmp_path):
                        {"a": (0, 123_456_789_012_345), 'q"uote\\': (5, 0), "层级": (7, 7)}):
             deltas = dict(sorted(deltas.items()))
             assert ledger.enc_deltas(deltas) == SqlLedger.enc_deltas(ledger, deltas)
+    finally:
+        ledger.close()
+
+
+def test_sqlite_writes_a_batchs_timestamps_as_enc_ts_does(tmp_path):
+    """A batch's journal times, 1 µs apart, as enc_ts writes each: within one second, across
+    the next second, a minute, a day and a year, and none."""
+    from server.ledger.sqlbase import SqlLedger
+    from server.ledger.sqlite import SqliteLedger
+    ledger = SqliteLedger(str(tmp_path / "l.db"))
+    try:
+        for start, n in ((datetime(2026, 12, 3, 14, 46, 5, 123_456, timezone.utc), 1000),
+                         (datetime(2026, 12, 3, 14, 46, 5, 999_000, timezone.utc), 2000),
+                         (datetime(2026, 12, 31, 23, 59, 59, 999_998, timezone.utc), 3),
+                         (datetime(2026, 1, 1, 0, 0, 0, 0, timezone.utc), 0)):
+            got = ledger.enc_times(start, n)
+            assert got == [ledger.enc_ts(start + timedelta(microseconds=k))
+                           for k in range(1, n + 1)]
+            assert got == SqlLedger.enc_times(ledger, start, n)
+        assert ledger.enc_times(datetime(2026, 12, 31, 23, 59, 59, 999_999, timezone.utc),
+                                1) == ["2027-01-01T00:00:00.000000+00:00"]
     finally:
         ledger.close()
 

@@ -94,8 +94,8 @@ class Outcome(NamedTuple):
     fund_total_fen: int = 0
 
 
-@dataclass(frozen=True)
-class SettlementRecord:
+class SettlementRecord(NamedTuple):
+    # a named tuple, not a frozen dataclass: a durable batch makes 1000 of them (2.2 → 0.5 µs)
     settlement_id: str
     facility_id: str
     request_id: str

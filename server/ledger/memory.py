@@ -228,7 +228,7 @@ class MemoryLedger(BulkReads):
             m = self._members[rec.member_id]
             self._members[rec.member_id] = replace(
                 m, account_balance_fen=m.account_balance_fen + rec.account_paid_fen)
-            rec = replace(rec, status="REVERSED", reversed_at=datetime.now(timezone.utc))
+            rec = rec._replace(status="REVERSED", reversed_at=datetime.now(timezone.utc))
             self._journal[settlement_id] = rec
             return rec
 

@@ -25,7 +25,7 @@ import functools
 import json
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Mapping
 
@@ -131,6 +131,10 @@ class SqlLedger(BulkReads):
     def enc_deltas(self, deltas: dict[str, tuple[int, int]]) -> Any:
         """The journal's deltas column (``check_outcome``'s sorted deltas)."""
         return self.enc_json({k: list(v) for k, v in deltas.items()})
+
+    def enc_times(self, start: datetime, n: int) -> list:
+        """``enc_ts`` of ``start`` plus 1, 2, … ``n`` microseconds (a batch's journal rows)."""
+        return [self.enc_ts(start + k * _ONE_US) for k in range(1, n + 1)]
 
     # --- plumbing ---------------------------------------------------------------------------
     def _x(self, cur, sql: str, params: tuple = ()):
@@ -434,6 +438,7 @@ class SqlLedger(BulkReads):
             inserts, moves = [], []
             added: dict[tuple[str, int, str], list[int]] = {}
             ids = iter(new_settlement_ids(sum(new)))
+            stamps = iter(self.enc_times(now, sum(new)))   # now's encodings, 1 µs apart
             for i, out in enumerate(outcomes):
                 if not new[i]:
                     continue
@@ -444,6 +449,7 @@ class SqlLedger(BulkReads):
                 bal, seq = balance[it.member_id]
                 deltas = check_outcome(out, bal)
                 now += _ONE_US                         # the journal keeps the batch's order
+                stamp = next(stamps)
                 rec = SettlementRecord(
                     settlement_id=next(ids), facility_id=it.facility_id,
                     request_id=it.request_id, request_hash=it.request_hash,
@@ -457,7 +463,7 @@ class SqlLedger(BulkReads):
                                 self.enc_deltas(deltas),
                                 rec.account_paid_fen, rec.chain_deductible_after_fen,
                                 rec.policy_version, rec.result, rec.fund_total_fen,
-                                self.enc_ts(now), None))
+                                stamp, None))
                 for layer, (paid, base) in deltas.items():
                     a = added.setdefault((it.member_id, it.year, layer), [0, 0])
                     a[0] += paid
@@ -466,7 +472,7 @@ class SqlLedger(BulkReads):
                     bal -= rec.account_paid_fen
                     seq += 1
                     moves.append((it.member_id, seq, "SETTLE", -rec.account_paid_fen,
-                                  rec.settlement_id, bal, self.enc_ts(now)))
+                                  rec.settlement_id, bal, stamp))
                     balance[it.member_id] = (bal, seq)
                 results[i] = SettleResult(rec, created=True)
             if inserts:
@@ -519,7 +525,7 @@ class SqlLedger(BulkReads):
             self._x(cur, "UPDATE settlements SET status = 'REVERSED', reversed_at = ? "
                          "WHERE settlement_id = ? AND member_id = ?",
                     (self.enc_ts(now), settlement_id, member_id))
-            return replace(rec, status="REVERSED", reversed_at=now)
+            return rec._replace(status="REVERSED", reversed_at=now)
         return self._run(body)
 
     def get_settlement(self, settlement_id: str) -> SettlementRecord:
