@@ -43,6 +43,9 @@ def extensions() -> list:
     ext = [Extension("engine._kernel", ["engine/_kernel.pyx"], extra_compile_args=flags)]
     if (ROOT / "server" / "_wire.pyx").exists():   # the batch RPCs' codec (server.batch)
         ext.append(Extension("server._wire", ["server/_wire.pyx"], extra_compile_args=flags))
+    if (ROOT / "server" / "ledger" / "_journal.pyx").exists():   # a batch's journal rows
+        ext.append(Extension("server.ledger._journal", ["server/ledger/_journal.pyx"],
+                             extra_compile_args=flags))
     return cythonize(ext, language_level=3, include_path=[str(ROOT)],
                      compiler_directives={"boundscheck": debug, "wraparound": False,
                                           "cdivision": True, "initializedcheck": debug,

@@ -551,20 +551,9 @@ def outcomes(batch: Batch, ev: Evaluated, members: dict[str, MemberRecord | None
     identity = array("q", [convert.IDENTITY_WIRE[m.identity] if m is not None else 0
                            for m in map(members.get, batch.member_ids)])
     plans = [(p.version, p.wire_layers, p.cp.layer_ids) for p in ev.plans]
-    msgs, deltas = _wire.stored_settlements(batch.n, batch.cols, ev.out, ev.osz, ev.codes,
-                                            ev.policy, array("q", new), plans,
-                                            batch.request_ids, batch.member_ids,
-                                            batch.facility_ids, identity)
-    out, osz, policy = ev.out, ev.osz, ev.policy
-    got: list[Outcome | None] = [None] * batch.n
-    for i, msg in enumerate(msgs):
-        if msg is not None:
-            o = i * osz
-            got[i] = Outcome(deltas=deltas[i], account_paid_fen=out[o + _kernel.O_ACCOUNT_PAID],
-                             chain_deductible_after_fen=out[o + _kernel.O_CHAIN_AFTER],
-                             policy_version=ev.plans[policy[i]].version, result=msg,
-                             fund_total_fen=out[o + _kernel.O_FUND_TOTAL])
-    return got
+    return _wire.stored_settlements(batch.n, batch.cols, ev.out, ev.osz, ev.codes, ev.policy,
+                                    array("q", new), plans, batch.request_ids,
+                                    batch.member_ids, batch.facility_ids, identity, Outcome)
 
 
 def outcome(batch: Batch, ev: Evaluated, i: int, m: MemberRecord) -> Outcome:

@@ -411,6 +411,7 @@ def test_the_c_encoded_stored_settlements_are_what_upb_encodes(seed):
             assert got[i] is None
             continue
         want = batch.outcome(b, ev, i, members[b.member_ids[b.cols[0][i]]])
+        assert type(got[i]) is type(want)              # the ledger's Outcome, made in C
         assert got[i].result == want.result, i
         assert got[i].deltas == want.deltas
         assert (got[i].account_paid_fen, got[i].chain_deductible_after_fen,

@@ -35,14 +35,13 @@ import sqlite3
 import threading
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
-from functools import lru_cache
 from typing import Any, Callable, Iterator
 
 from engine.model import Accumulators
+from server.ledger._journal import deltas_text
 from server.ledger.base import BulkReads, FacilityRecord, LedgerUnavailable, MemberRecord
 from server.ledger.sqlbase import SqlLedger
 
-_json_str = lru_cache(maxsize=4096)(json.dumps)   # a layer id as a JSON string
 CACHE_MAX = 200_000   # entries; the cache is simply dropped when it grows past this
 WAL_INDEX_HEADER = 48  # bytes: the first copy of the wal-index header (walformat.html 2.1)
 
@@ -65,6 +64,7 @@ class SqliteLedger(SqlLedger):
     FOR_UPDATE = ""   # BEGIN IMMEDIATE already holds the database's write lock
     READ_REPLAY_FIRST = False   # every write waits for the committer: replays are found there
     local_reads = True   # from this process's cache or the local file (base.Ledger)
+    KEY_CLASH = (sqlite3.IntegrityError,)   # settle_batch inserts, then looks if refused
 
     def __init__(self, path: str | os.PathLike, *, busy_timeout_ms: int = 30_000,
                  group_max: int = 256, group_wait_us: int = 0, cache: bool = True) -> None:
@@ -366,10 +366,8 @@ class SqliteLedger(SqlLedger):
     def dec_json(self, v: Any) -> Any:
         return json.loads(v)
 
-    def enc_deltas(self, deltas: dict[str, tuple[int, int]]) -> Any:
-        # enc_json's text (keys already sorted, ints), without an encoder call per settlement
-        return "{" + ", ".join(f"{_json_str(k)}: [{p}, {b}]"
-                               for k, (p, b) in deltas.items()) + "}"
+    # enc_json's text (keys already sorted, ints), without an encoder call per settlement
+    enc_deltas = staticmethod(deltas_text)
 
     def enc_ts(self, t: datetime | None) -> Any:
         return None if t is None else t.isoformat(timespec="microseconds")
