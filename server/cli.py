@@ -9,7 +9,8 @@
     settlement SETTLEMENT_ID                   show a settlement as returned, current status
     accumulators MEMBER_ID [--year Y] [--as-of YYYY-MM-DD]
     member MEMBER_ID | facility FACILITY_ID    show a registry entry
-    settle-batch CLAIMS.jsonl [--batch N]      settle every claim of a file (one a line)
+    settle-batch CLAIMS.jsonl [--batch N] [--max-rate CLAIMS_PER_S]
+                                               settle every claim of a file (one a line)
     presettle-batch CLAIMS.jsonl [--batch N]   over one stream of batches; a JSON line each
     import members|facilities FILE.csv|FILE.jsonl
     policy show [--region R] [--date YYYY-MM-DD]
@@ -21,7 +22,7 @@ A claim file is a scenario claim (shared/spec/scenarios.md) plus the ids:
 with "referral_from" naming the settlement id of the referring admission. A batch file holds
 one such object a line; the whole file is checked before anything is sent, and each claim's
 result is printed as a JSON line (its line number, request id, code and amounts, or its error).
-The stream's deadline is --timeout for each batch.
+The stream's deadline is --timeout for each batch (plus the time --max-rate paces it to).
 Amounts are printed in yuan; --json prints the reply as protobuf JSON (amounts in fen).
 
 Import columns (CSV header or JSONL keys; only the ids and the first two are required):
@@ -41,6 +42,7 @@ import csv
 import json
 import os
 import sys
+import time
 from datetime import date
 from pathlib import Path
 from typing import Any, Iterator
@@ -121,27 +123,36 @@ def _claim_lines(path: str) -> Iterator[tuple[int, st.SettleRequest]]:
                 raise InvalidInput(e.field, f"{path}:{line}: {e.problem}") from None
 
 
-def do_batch(client: Client, path: str, size: int, commit: bool) -> int:
+def do_batch(client: Client, path: str, size: int, commit: bool, max_rate: float = 0) -> int:
     """Every claim of a JSONL file through one stream of batches of ``size``
     (SettleBatchStream, or PreSettleBatchStream): one JSON line per claim on stdout, in
-    order, and a summary on stderr. The whole file is checked before anything is sent."""
+    order, and a summary on stderr. The whole file is checked before anything is sent.
+    ``max_rate`` (claims/s, 0: none) paces the batches sent, to leave the ledger's writer to
+    checkout (docs/deployment.md, "Bulk runs beside checkout")."""
     if size < 1:
         raise InvalidInput("--batch", "must be at least 1")
+    if not max_rate >= 0:   # also NaN
+        raise InvalidInput("--max-rate", "must be a number of claims per second, 0 for none")
     claims = sum(1 for _ in _claim_lines(path))
     batches = -(-claims // size)
     sent: collections.deque = collections.deque()    # (lines, request ids) of each batch
+    paced = claims / max_rate if max_rate else 0.0   # seconds the pacing alone takes
 
     def requests():
         pending: list = []
+        start, count = time.monotonic(), 0
         for line, req in _claim_lines(path):
             pending.append((line, req))
             if len(pending) == size:
-                yield _batch(pending)
+                yield _batch(pending, start, count)
+                count += len(pending)
                 pending = []
         if pending:
-            yield _batch(pending)
+            yield _batch(pending, start, count)
 
-    def _batch(pending) -> st.SettleBatchRequest:
+    def _batch(pending, start: float, before: int) -> st.SettleBatchRequest:
+        if max_rate:   # this batch goes when the claims before it have had their time
+            time.sleep(max(0.0, start + before / max_rate - time.monotonic()))
         sent.append([(line, req.request_id) for line, req in pending])
         return st.SettleBatchRequest(requests=[req for _, req in pending])
 
@@ -151,7 +162,7 @@ def do_batch(client: Client, path: str, size: int, commit: bool) -> int:
     counts = {done: 0, "replayed": 0, "refused": 0}
     answered = 0
     try:
-        for reply in method(requests(), timeout=client.timeout * max(1, batches)):
+        for reply in method(requests(), timeout=client.timeout * max(1, batches) + paced):
             for row in _batch_rows(sent.popleft(), reply.results):
                 counts["refused" if row["code"] != "OK" else
                        "replayed" if row.get("replayed") else done] += 1
@@ -375,6 +386,8 @@ def parser() -> argparse.ArgumentParser:
                                       "over one stream of batches")
         p.add_argument("claims", help="one claim object a line")
         p.add_argument("--batch", type=int, default=1000, help="claims a batch (%(default)s)")
+        p.add_argument("--max-rate", type=float, default=0, metavar="CLAIMS_PER_S",
+                       help="send at most this many claims a second (default: no limit)")
     p = sub.add_parser("reverse", help="reverse a settlement")
     p.add_argument("settlement_id")
     p.add_argument("--facility", required=True, help="the facility that settled it")
@@ -404,7 +417,8 @@ def parser() -> argparse.ArgumentParser:
 def run(client: Client, args: argparse.Namespace) -> int:
     c = args.command
     if c in ("presettle-batch", "settle-batch"):
-        return do_batch(client, args.claims, args.batch, commit=c == "settle-batch")
+        return do_batch(client, args.claims, args.batch, commit=c == "settle-batch",
+                        max_rate=args.max_rate)
     if c in ("presettle", "settle"):
         req = settle_request(*read_claim(args.claim), trace=args.trace)
         method = client.settlement.PreSettle if c == "presettle" else client.settlement.Settle

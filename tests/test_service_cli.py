@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 
@@ -138,6 +139,32 @@ def test_settle_a_file_of_claims_over_one_stream_of_batches(cli, memory_server):
     assert "0 settled, 3 replayed, 1 refused" in err
     assert [r.get("settlement_id") for r in again] == [r.get("settlement_id") for r in rows]
     assert len(list(memory_server.ledger.journal())) == 3
+
+
+def test_a_bulk_run_is_paced_by_max_rate(cli, memory_server):
+    """--max-rate 4 with batches of 2: the second batch goes 0.5 s after the first, the
+    third 1.0 s after; the same file without it is sent at once. A rate that is not a number
+    of claims per second is refused before anything is sent."""
+    cli("import", "facilities", str(cli.dir / "facilities.csv"))
+    cli("import", "members", str(cli.dir / "members.jsonl"))
+
+    def run(tag: str, *extra: str) -> tuple[float, str]:
+        path = cli.dir / f"{tag}.jsonl"
+        path.write_text("\n".join(json.dumps(dict(CLAIM, request_id=f"{tag}-{k}"))
+                                  for k in range(6)), encoding="utf-8")
+        t0 = time.monotonic()
+        code, _, err = cli("presettle-batch", str(path), "--batch", "2", *extra)
+        assert code == 0, err
+        return time.monotonic() - t0, err
+
+    unpaced, _ = run("U")
+    paced, err = run("P", "--max-rate", "4")
+    assert "6 pre-settled, 0 replayed, 0 refused (6 claims, 3 batches)" in err
+    assert unpaced < 1.0 <= paced
+    for bad in ("-1", "nan"):
+        code, _, err = cli("settle-batch", str(cli.dir / "U.jsonl"), "--max-rate", bad)
+        assert code == 2 and "--max-rate" in err
+    assert not list(memory_server.ledger.journal())
 
 
 def test_a_bad_line_of_a_batch_file_is_named_and_nothing_is_sent(cli, memory_server):
