@@ -29,7 +29,8 @@ Import columns (CSV header or JSONL keys; only the ids and the first two are req
   members:    member_id, identity (EMPLOYEE|RESIDENT), continuous_since (YYYY-MM-DD),
               retired, groups (CSV: separated by ';'), maternity_eligible, benefit_start,
               benefit_end, district, primary_facility, other_facility,
-              account_balance (yuan, e.g. 1200.50), region (default jiangmen)
+              account_balance (yuan, e.g. 1200.50; without it an existing member's
+              balance is kept, a new member's is 0), region (default jiangmen)
   facilities: facility_id, level (LEVEL_1|LEVEL_2|LEVEL_3|NON_DESIGNATED), designated
               (default true), district, name
 Booleans in CSV: true/false, 1/0, yes/no or empty (false; designated: true).
@@ -296,7 +297,10 @@ def _flag(v: Any, field: str, default: bool = False) -> bool:
     return parse_flag(v, field)
 
 
-def member_row(r: dict) -> reg.Member:
+def member_row(r: dict) -> reg.UpsertMemberRequest:
+    """A members file's row as the upsert it asks for. Without an account balance (no
+    column, or an empty cell) an existing member's balance stays as it is; a new member's is
+    0."""
     check_keys(r, "member", {"member_id", "identity", "continuous_since"},
                {"retired", "groups", "maternity_eligible", "benefit_start", "benefit_end",
                 "district", "primary_facility", "other_facility", "account_balance", "region"})
@@ -312,12 +316,15 @@ def member_row(r: dict) -> reg.Member:
         maternity_eligible=_flag(r.get("maternity_eligible"), "maternity_eligible"),
         district=str(r.get("district", "")), primary_facility_id=str(r.get("primary_facility", "")),
         other_facility_id=str(r.get("other_facility", "")),
-        account_balance_fen=parse_yuan(r.get("account_balance", "0"), "account_balance"),
         region=str(r.get("region", "")))
+    balance = r.get("account_balance")
+    keep = balance is None or balance == ""
+    if not keep:
+        m.account_balance_fen = parse_yuan(balance, "account_balance")
     for name in ("continuous_since", "benefit_start", "benefit_end"):
         if r.get(name):
             convert.date_to_wire(parse_date(r[name], name), getattr(m, name))
-    return m
+    return reg.UpsertMemberRequest(member=m, keep_account_balance=keep)
 
 
 def facility_row(r: dict) -> reg.Facility:
@@ -334,8 +341,7 @@ def do_import(client: Client, what: str, path: str) -> int:
     for line, row in _rows(path):
         try:
             if what == "members":
-                client.call(client.registry.UpsertMember,
-                            reg.UpsertMemberRequest(member=member_row(row)))
+                client.call(client.registry.UpsertMember, member_row(row))
             else:
                 client.call(client.registry.UpsertFacility,
                             reg.UpsertFacilityRequest(facility=facility_row(row)))

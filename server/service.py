@@ -254,8 +254,8 @@ class RegistryServicer(registry_pb2_grpc.RegistryServiceServicer):
         if rec.region not in self.core.policies.files:
             raise InvalidInput("member.region", f"unknown region {rec.region!r}; known: "
                                                 f"{self.core.policies.regions()}")
-        self.core.ledger.upsert_member(rec)
-        return convert.member_to_wire(rec)
+        stored = self.core.ledger.upsert_member(rec, keep_balance=request.keep_account_balance)
+        return convert.member_to_wire(stored)
 
     @rpc
     def GetMember(self, request, context):

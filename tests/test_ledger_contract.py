@@ -285,6 +285,22 @@ def test_upsert_sets_the_balance_and_settlements_move_it(backend, ledger):
     assert verify(ledger) == []
 
 
+def test_an_upsert_that_keeps_the_balance_leaves_a_settlements_payment_standing(backend,
+                                                                               ledger):
+    """A registry feed that does not own balances (keep_balance): the settlement's account
+    payment stands whatever balance the record it sends carries; a new member gets its."""
+    settle(ledger, "r1", paying(10, 100, account=1_000))     # M1's 10,000 -> 9,000
+    stored = ledger.upsert_member(member("M1", balance=10_000, district="x"), keep_balance=True)
+    assert (stored.account_balance_fen, stored.district) == (9_000, "x")
+    assert ledger.get_member("M1") == stored
+    new = ledger.upsert_member(member("M7", balance=300), keep_balance=True)
+    assert new.account_balance_fen == ledger.get_member("M7").account_balance_fen == 300
+    kinds = [k for (k,) in backend.raw("SELECT kind FROM account_movements "
+                                       "WHERE member_id = 'M1' ORDER BY seq")]
+    assert kinds == ["SET", "SETTLE"]
+    assert verify(ledger) == []
+
+
 # --- restart ----------------------------------------------------------------------------------
 def test_restart_keeps_everything_and_a_later_reversal_restores_the_state(backend, ledger):
     settle(ledger, "r0", paying(200, 1000, account=100))

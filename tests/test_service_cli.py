@@ -58,6 +58,34 @@ def test_import_registries_from_csv_and_jsonl(cli, memory_server):
     assert ledger.get_member("M3").groups == {"POVERTY_REGISTERED", "MINIMUM_LIVING"}
 
 
+def test_a_members_file_without_balances_keeps_them(cli, memory_server):
+    """Re-importing members to change their registry facts leaves the account balances as
+    they are when the file has no balance (no column, or an empty cell); a balance given
+    sets it; a new member without one starts at 0."""
+    cli("import", "members", str(cli.dir / "members.csv"))            # M3: 10.00
+    assert memory_server.ledger.get_member("M3").account_balance_fen == 1_000
+    (cli.dir / "update.csv").write_text(
+        "member_id,identity,continuous_since,district,account_balance\n"
+        "M3,EMPLOYEE,2015-06-01,440705,\n"
+        "M4,RESIDENT,2016-01-01,440705,\n", encoding="utf-8")
+    (cli.dir / "update.jsonl").write_text(json.dumps(
+        {"member_id": "M3", "identity": "EMPLOYEE", "continuous_since": "2015-06-01",
+         "district": "440781"}), encoding="utf-8")
+    assert cli("import", "members", str(cli.dir / "update.csv"))[0] == 0
+    m3 = memory_server.ledger.get_member("M3")
+    assert (m3.district, m3.account_balance_fen) == ("440705", 1_000)
+    assert memory_server.ledger.get_member("M4").account_balance_fen == 0
+    assert cli("import", "members", str(cli.dir / "update.jsonl"))[0] == 0
+    m3 = memory_server.ledger.get_member("M3")
+    assert (m3.district, m3.account_balance_fen) == ("440781", 1_000)
+    cli("import", "members", str(cli.dir / "members.csv"))            # given: set again
+    assert memory_server.ledger.get_member("M3").account_balance_fen == 1_000
+    (cli.dir / "set.csv").write_text("member_id,identity,continuous_since,account_balance\n"
+                                     "M3,EMPLOYEE,2015-06-01,0.00\n", encoding="utf-8")
+    assert cli("import", "members", str(cli.dir / "set.csv"))[0] == 0
+    assert memory_server.ledger.get_member("M3").account_balance_fen == 0
+
+
 def test_presettle_settle_accumulators_and_reverse(cli, memory_server):
     cli("import", "facilities", str(cli.dir / "facilities.csv"))
     cli("import", "members", str(cli.dir / "members.jsonl"))

@@ -37,9 +37,13 @@ class MemoryLedger(BulkReads):
             return self._member_locks[member_id]
 
     # --- registries -----------------------------------------------------------------------
-    def upsert_member(self, m: MemberRecord) -> None:
+    def upsert_member(self, m: MemberRecord, keep_balance: bool = False) -> MemberRecord:
         with self._member_lock(m.member_id), self._lock:
+            old = self._members.get(m.member_id)
+            if keep_balance and old is not None:
+                m = replace(m, account_balance_fen=old.account_balance_fen)
             self._members[m.member_id] = m
+            return m
 
     def reads(self):
         return self

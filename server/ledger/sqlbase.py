@@ -25,7 +25,7 @@ import functools
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import date, datetime, timedelta, timezone
 from typing import Any, Callable, Iterator, Mapping
 
@@ -209,9 +209,10 @@ class SqlLedger(BulkReads):
                          "AND paid_fen = 0 AND base_fen = 0", (member_id, year))
 
     # --- registries -------------------------------------------------------------------------
-    def upsert_member(self, m: MemberRecord) -> None:
-        """Insert or replace a member. ``account_balance_fen`` is absolute: when it differs from
-        the stored balance (or the member is new) a ``SET`` account movement records it."""
+    def upsert_member(self, m: MemberRecord, keep_balance: bool = False) -> MemberRecord:
+        """Insert or replace a member; the member as stored. ``account_balance_fen`` is
+        absolute: when it differs from the stored balance (or the member is new) a ``SET``
+        account movement records it. ``keep_balance``: an existing member's stays as it is."""
         if not isinstance(m.member_id, str) or not m.member_id:
             raise ValueError("member_id must be a non-empty string")
         if not _is_int(m.account_balance_fen):
@@ -241,10 +242,13 @@ class SqlLedger(BulkReads):
                              "WHERE member_id = ?",
                         (*fields, self.enc_ts(now), m.member_id))
                 balance, seq = int(r[0]), int(r[1])
+                if keep_balance:
+                    return replace(m, account_balance_fen=balance)
             if balance != m.account_balance_fen:
                 self._move(cur, m.member_id, seq + 1, "SET", m.account_balance_fen, None,
                            m.account_balance_fen, now)
-        self._run(body)
+            return m
+        return self._run(body)
 
     def reads(self):
         """An object with ``get_member``, ``get_facility`` and ``accumulators`` for the reads
