@@ -190,8 +190,9 @@ class BulkReads:
 
 class Ledger(Protocol):
     local_reads: bool   # reads answer in this process (a cache, a local file): no network
-    def upsert_member(self, m: MemberRecord, keep_balance: bool = False) -> MemberRecord: ...
-    #   the member as stored: keep_balance leaves an existing member's balance as it is
+    def upsert_member(self, m: MemberRecord, keep_balance: bool = False) -> MemberRecord:
+        """The member as stored; ``keep_balance`` leaves an existing member's balance as is."""
+        ...
     def get_member(self, member_id: str) -> MemberRecord: ...            # NotFound
     def upsert_facility(self, f: FacilityRecord) -> None: ...
     def get_facility(self, facility_id: str) -> FacilityRecord: ...      # NotFound
