@@ -78,8 +78,6 @@ def test_a_members_file_without_balances_keeps_them(cli, memory_server):
     assert cli("import", "members", str(cli.dir / "update.jsonl"))[0] == 0
     m3 = memory_server.ledger.get_member("M3")
     assert (m3.district, m3.account_balance_fen) == ("440781", 1_000)
-    cli("import", "members", str(cli.dir / "members.csv"))            # given: set again
-    assert memory_server.ledger.get_member("M3").account_balance_fen == 1_000
     (cli.dir / "set.csv").write_text("member_id,identity,continuous_since,account_balance\n"
                                      "M3,EMPLOYEE,2015-06-01,0.00\n", encoding="utf-8")
     assert cli("import", "members", str(cli.dir / "set.csv"))[0] == 0
