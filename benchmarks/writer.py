@@ -97,12 +97,7 @@ def instrument(timings: Timings) -> None:
     def _connect(self):
         if threading.current_thread() is not self._committer:
             return connect(self)
-        c = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None,
-                            check_same_thread=False, factory=Connection)
-        for pragma in ("journal_mode=WAL", "synchronous=FULL", "foreign_keys=ON",
-                       f"busy_timeout={self._busy_ms}"):
-            c.execute(f"PRAGMA {pragma}")
-        return c
+        return connect(self, factory=Connection)
 
     run_group = SqliteLedger._run_group
 

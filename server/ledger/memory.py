@@ -131,7 +131,7 @@ class MemoryLedger(BulkReads):
     def settle_batch(self, items, evaluate):
         """``base.Ledger.settle_batch``: the members' locks in id order, then as ``settle``."""
         from server.ledger.base import BatchState
-        from server.ledger.sqlbase import check_outcome
+        from server.ledger._journal import check_outcome
         mids = sorted({it.member_id for it in items if it is not None})
         locks = [self._member_lock(mid) for mid in mids]
         for lock in locks:

@@ -109,9 +109,10 @@ class SqliteLedger(SqlLedger):
             raise
 
     # --- connections ------------------------------------------------------------------------
-    def _connect(self) -> sqlite3.Connection:
+    def _connect(self, factory: type = sqlite3.Connection) -> sqlite3.Connection:
+        # factory: benchmarks.writer times the committer's statements through its own class
         c = sqlite3.connect(self.path, timeout=self._busy_ms / 1000, isolation_level=None,
-                            check_same_thread=False)
+                            check_same_thread=False, factory=factory)
         try:
             mode = c.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if mode.lower() != "wal":
