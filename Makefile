@@ -5,7 +5,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 LISTEN ?= 127.0.0.1:50051
 DATABASE ?= reimburse.db
-BUILD_INPUTS := pyproject.toml setup.py $(wildcard engine/*.pyx engine/*.pxd server/*.pyx server/ledger/*.pyx proto/*/*/*.proto)
+BUILD_INPUTS := pyproject.toml setup.py $(wildcard engine/*.pyx engine/*.pxd server/*.pyx server/*.pxd server/ledger/*.pyx proto/*/*/*.proto)
 
 .PHONY: install serve test bench load conformance clean
 

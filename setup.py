@@ -43,6 +43,8 @@ def extensions() -> list:
     ext = [Extension("engine._kernel", ["engine/_kernel.pyx"], extra_compile_args=flags)]
     if (ROOT / "server" / "_wire.pyx").exists():   # the batch RPCs' codec (server.batch)
         ext.append(Extension("server._wire", ["server/_wire.pyx"], extra_compile_args=flags))
+    if (ROOT / "server" / "_single.pyx").exists():   # the single-claim PreSettle's codec
+        ext.append(Extension("server._single", ["server/_single.pyx"], extra_compile_args=flags))
     if (ROOT / "server" / "ledger" / "_journal.pyx").exists():   # a batch's journal rows
         ext.append(Extension("server.ledger._journal", ["server/ledger/_journal.pyx"],
                              extra_compile_args=flags))

@@ -63,6 +63,7 @@ import grpc
 from google.protobuf.message import DecodeError
 
 from server.ledger.base import Forbidden
+from server.wire import RAW_REQUESTS
 
 if TYPE_CHECKING:
     from server.tls import ServerTLS
@@ -338,7 +339,7 @@ def _facility_ids(request) -> list[tuple[str, str]] | None:
     if not _has_facility(request.DESCRIPTOR):
         return None
     if not hasattr(request, "HasField") and hasattr(request, "message"):
-        request = request.message()  # kept as bytes by the servicer (server.batch.RawBatch)
+        request = request.message()  # kept as bytes by the servicer (server.wire.RawRequest)
     out: list[tuple[str, str]] = []
     _collect(request, "", out)
     return out
@@ -408,6 +409,15 @@ def _safe(deserializer, type_name: str):
     return parse
 
 
+def deny_malformed(context, method: str, type_name: str, error: Exception,
+                   caller=None) -> None:
+    """INVALID_ARGUMENT for bytes that are not a valid request message, logged (and raised:
+    ``context.abort``). Also the answer of a method that parses its own bytes
+    (``server.wire.RAW_REQUESTS``)."""
+    _deny(context, method, grpc.StatusCode.INVALID_ARGUMENT,
+          f"the request is not a valid {type_name} message: {type(error).__name__}", caller)
+
+
 def _deny(context, method: str, code: grpc.StatusCode, message: str, caller=None) -> None:
     line = {"event": "rpc", "method": method.rsplit("/", 1)[-1], "code": code.name,
             "error": message, "peer": context.peer()}
@@ -465,7 +475,9 @@ class Gatekeeper(grpc.ServerInterceptor):
         if h.request_streaming:
             return h if rule is None else self._guard_stream(method, h, rule)
         deser = h.request_deserializer
-        type_name = _type_name(deser)
+        # a method that parses its own bytes: the rule looks at them as a RawRequest
+        raw = RAW_REQUESTS.get(method) if deser is None else None
+        type_name = raw.DESCRIPTOR.full_name if raw is not None else _type_name(deser)
         kind = "unary_stream" if h.response_streaming else "unary_unary"
         behavior = getattr(h, kind)
 
@@ -476,12 +488,11 @@ class Gatekeeper(grpc.ServerInterceptor):
                 if caller is None:
                     _deny(context, method, grpc.StatusCode.UNAUTHENTICATED, why)
             if isinstance(request, _Malformed):
-                _deny(context, method, grpc.StatusCode.INVALID_ARGUMENT,
-                      f"the request is not a valid {request.type_name} message: "
-                      f"{type(request.error).__name__}", caller)
+                deny_malformed(context, method, request.type_name, request.error, caller)
             if rule is None:
                 return behavior(request, context)
-            _check(context, method, rule, caller, request, type_name)
+            _check(context, method, rule, caller, request if raw is None else raw(request),
+                   type_name)
             token = _caller.set(caller)
             try:
                 return behavior(request, context)
@@ -536,9 +547,8 @@ def _check(context, method: str, rule: Rule, caller: Principal, request, type_na
     INVALID_ARGUMENT when the request, parsed only now, is not a valid message."""
     try:
         problem = rule(caller, request)
-    except DecodeError as e:  # a request parsed lazily (server.batch.RawBatch)
-        _deny(context, method, grpc.StatusCode.INVALID_ARGUMENT,
-              f"the request is not a valid {type_name} message: {e}", caller)
+    except DecodeError as e:  # a request parsed lazily (server.wire.RawRequest)
+        deny_malformed(context, method, type_name, e, caller)
     if problem:
         _deny(context, method, grpc.StatusCode.PERMISSION_DENIED, problem, caller)
 

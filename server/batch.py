@@ -37,6 +37,7 @@ from server import _wire, convert, fastpath
 from server.errors import NotCovered, code_of
 from server.ledger.base import BatchItem, FacilityRecord, MemberRecord, NotFound, Outcome
 from server.ledger.base import ReferralReversed, SettleResult
+from server.wire import RawRequest
 
 MAX_BATCH = 100_000           # claims per call (the 4 MiB message limit binds first)
 MAX_YEARS = 50                # years one batch may span
@@ -51,24 +52,13 @@ _MEMBER_ROWS: dict = {}       # member_table's memo of cached records (server/_w
 _KIND_NAME = {ty.CLAIM_KIND_INPATIENT: "INPATIENT", ty.CLAIM_KIND_OUTPATIENT: "OUTPATIENT"}
 
 
-class RawBatch:
-    """A ``SettleBatchRequest`` kept as its bytes (decoded by ``server._wire``). It shows the
-    message type, and its ``requests`` parsed on demand, to interceptors that look."""
+class RawBatch(RawRequest):
+    """A ``SettleBatchRequest`` kept as its bytes (decoded by ``server._wire``); its
+    ``requests`` and ``claims`` parsed on demand, for interceptors that look."""
 
-    DESCRIPTOR = st.SettleBatchRequest.DESCRIPTOR
-    __slots__ = ("data", "_msg")
-
-    def __init__(self, data: bytes):
-        self.data, self._msg = data, None
-
-    @classmethod
-    def FromString(cls, data: bytes) -> "RawBatch":
-        return cls(data)
-
-    def message(self) -> st.SettleBatchRequest:
-        if self._msg is None:
-            self._msg = st.SettleBatchRequest.FromString(self.data)
-        return self._msg
+    TYPE = st.SettleBatchRequest
+    DESCRIPTOR = TYPE.DESCRIPTOR
+    __slots__ = ()
 
     @property
     def requests(self):

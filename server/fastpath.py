@@ -25,13 +25,15 @@ from engine._kernel import (
     O_FUND_TOTAL, O_IN_SCOPE, O_LAYERS, O_PATIENT_TOTAL,
 )
 from engine._kernel import settle_row as _settle_row
+from engine.errors import NoPolicyInForce
 from engine.model import Accumulators
 from engine.money import BP
 from engine.policy import Policy
 from engine.reference import cap_scale_bp
 from reimburse.v1 import types_pb2 as ty
-from server.convert import FUND, IDENTITY_WIRE, KIND_WIRE, SettleCall
-from server.ledger.base import MemberRecord, Outcome
+from server import _single
+from server.convert import FUND, IDENTITY_WIRE, KIND_WIRE, SettleCall, rule_level
+from server.ledger.base import MemberRecord, MemberState, NotFound, Outcome
 from server.views import MEMBER_FACTS
 
 _MEMBER_FACT_MASK = _kernel_mod.facts_mask(MEMBER_FACTS)
@@ -68,7 +70,18 @@ class Plan:
         self.wire_layers = [(lid.encode(), fund, code.encode()) for lid, fund, code in self.layers]
         self.marginal = self.cp.marginal
         self._views: dict[int, tuple[_ViewEntry, ...]] = {}
+        self._wire_views: dict[int, _single.WireView] = {}
         self._scale: dict[int, int] = {}
+        # server._single's encoder: the fixed fields of each layer's LayerPayment and
+        # FundPayment, encoded by upb once
+        codes = list(dict.fromkeys(code for _, _, code in self.layers))
+        self.wire = _single.WirePlan(
+            self.kernel, [lid for lid, _, _ in self.layers],
+            [ty.LayerPayment(layer_id=lid, fund=fund, fund_code=code).SerializeToString()
+             for lid, fund, code in self.layers],
+            [ty.FundPayment(fund=fund, fund_code=code).SerializeToString()
+             for _, fund, code in self.layers],
+            [codes.index(code) for _, _, code in self.layers], self.version)
 
     def scale(self, months: int) -> int:
         s = self._scale.get(months)
@@ -80,6 +93,16 @@ class Plan:
         got = self._views.get(mask)
         if got is None:
             got = self._views[mask] = self._prepare_view(mask)
+        return got
+
+    def wire_view(self, mask: int) -> _single.WireView:
+        """view_entries for server._single: each entry's fixed LayerAccumulator fields
+        encoded by upb once."""
+        got = self._wire_views.get(mask)
+        if got is None:
+            got = self._wire_views[mask] = _single.WireView([
+                (e.index, ty.LayerAccumulator(**e.static).SerializeToString(), e.limit_kind,
+                 e.cap, e.scaled, e.threshold, e.bands) for e in self.view_entries(mask)])
         return got
 
     def _prepare_view(self, mask: int) -> tuple[_ViewEntry, ...]:
@@ -250,3 +273,62 @@ def settle(plan: Plan, call: SettleCall, m: MemberRecord, level: str, chain_fen:
                    chain_deductible_after_fen=o[O_CHAIN_AFTER], policy_version=plan.version,
                    result=msg.SerializeToString() if serialize else b"",
                    fund_total_fen=o[O_FUND_TOTAL]), msg
+
+
+def _wire_settle(core, req: tuple, m: MemberRecord, f, acc: Accumulators, balance_fen: int,
+                 pre: bool):
+    """server._single.settle of a parsed request for member ``m`` at facility ``f``; None
+    where the general path answers (not covered, no policy in force, refused by the kernel)."""
+    day = req[4]
+    since = m.continuous_since    # service.check_covered
+    if day < since or (m.benefit_start and day < m.benefit_start) or \
+            (m.benefit_end and day > m.benefit_end):
+        return None
+    try:
+        plan = plan_for(core.policies.policy_for(m.region, day))
+    except NoPolicyInForce:
+        return None
+    if acc.year != day.year:
+        raise ValueError(f"accumulators of {acc.year} given for a claim of {day.year}")
+    cp = plan.cp
+    mask = member_mask(m)
+    level = rule_level(f)
+    facts = mask | _kernel_mod._LEVEL_BIT[level]   # engine.kernel.row_of
+    facility_id = req[2]
+    if m.primary_facility is not None and facility_id == m.primary_facility:
+        facts |= _kernel_mod._PRIMARY
+    elif m.other_facility is not None and facility_id == m.other_facility:
+        facts |= _kernel_mod._OTHER
+    months = (day.year * 12 + day.month) - (since.year * 12 + since.month) + 1
+    got = _single.settle(
+        plan.wire, plan.wire_view(mask), req, facts, _kernel_mod._LEVEL[level], months,
+        plan.scale(months), cp.state_of(acc) if acc.paid or acc.base else cp._zero_state,
+        balance_fen, IDENTITY_WIRE[m.identity], pre)
+    if got is None or pre:
+        return got
+    result, deltas, account_paid, chain_after, fund_total = got
+    return Outcome(deltas=deltas, account_paid_fen=account_paid,
+                   chain_deductible_after_fen=chain_after, policy_version=plan.version,
+                   result=result, fund_total_fen=fund_total)
+
+
+def pre_settle_wire(core, req: tuple) -> bytes | None:
+    """The encoded SettleResponse of a PreSettle of ``req`` (server._single.parse_settle's
+    tuple), byte for byte what the general path answers; None where that path answers (an
+    unknown member or facility, and _wire_settle's cases), so that every refusal is worded
+    in one place."""
+    reads = core.ledger.reads()    # registry and accumulators as of one moment
+    try:
+        f = reads.get_facility(req[2])
+        m = reads.get_member(req[1])
+    except NotFound:
+        return None
+    acc = reads.accumulators(req[1], req[4].year)
+    return _wire_settle(core, req, m, f, acc, m.account_balance_fen, True)
+
+
+def settle_wire(core, req: tuple, state: MemberState) -> Outcome | None:
+    """The ledger outcome of settling ``req`` over ``state`` (inside the ledger's
+    transaction), as ``Core.evaluate`` makes it; None where the general path answers."""
+    return _wire_settle(core, req, state.member, state.facility, state.accumulators,
+                        state.balance_fen, False)

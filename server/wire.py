@@ -6,6 +6,11 @@ as ``bytes`` (already encoded) instead of a message: ``Settle`` answers with the
 reply plus two appended fields (``settlement_response``) and never parses it, and the batch
 methods encode their columns themselves (``server.batch``).
 
+``PreSettle`` and ``Settle`` are registered without a deserializer: gRPC runs a deserializer
+on its one event thread, which every call waits for, and their fast path reads the bytes in C
+anyway (``SettlementServicer._wire``). ``RAW_REQUESTS`` names such methods with the
+``RawRequest`` type an interceptor that must look inside gets (``server.auth``).
+
 ``add_echo_service`` registers the load harness's baseline, ``reimburse.bench.v1.EchoService/Echo``:
 the request bytes back, nothing else. It is off unless the server is started with
 ``--bench-echo`` (``REIMBURSE_BENCH_ECHO=1``): a benchmark's reference point, not an API, and
@@ -19,8 +24,41 @@ from reimburse.v1 import settlement_pb2 as st
 from reimburse.v1 import types_pb2 as ty
 
 SERVICE = "reimburse.v1.SettlementService"
+PRE_SETTLE = f"/{SERVICE}/PreSettle"
+SETTLE = f"/{SERVICE}/Settle"
 ECHO_SERVICE = "reimburse.bench.v1.EchoService"
 ECHO_METHOD = f"/{ECHO_SERVICE}/Echo"
+
+
+class RawRequest:
+    """A request kept as its bytes. It shows its message type (``DESCRIPTOR``) and, parsed on
+    demand, the message (``message()``, which raises DecodeError for bytes that are not one)
+    to interceptors that look."""
+
+    TYPE: type = None   # the message class, set by each subclass
+    __slots__ = ("data", "_msg")
+
+    def __init__(self, data: bytes):
+        self.data, self._msg = data, None
+
+    @classmethod
+    def FromString(cls, data: bytes):
+        return cls(data)
+
+    def message(self):
+        if self._msg is None:
+            self._msg = self.TYPE.FromString(self.data)
+        return self._msg
+
+
+class RawSettle(RawRequest):
+    TYPE = st.SettleRequest
+    DESCRIPTOR = TYPE.DESCRIPTOR
+    __slots__ = ()
+
+
+# methods registered without a deserializer: full method name -> what their bytes are
+RAW_REQUESTS: dict[str, type[RawRequest]] = {PRE_SETTLE: RawSettle, SETTLE: RawSettle}
 
 
 def _serializer(cls):
@@ -72,8 +110,10 @@ def add_settlement_service(servicer, server: grpc.Server, extra: dict | None = N
             method, request_deserializer=req.FromString, response_serializer=_serializer(rep))
 
     handlers = {
-        "PreSettle": unary(servicer.PreSettle, st.SettleRequest, st.SettleResponse),
-        "Settle": unary(servicer.Settle, st.SettleRequest, st.SettleResponse),
+        "PreSettle": grpc.unary_unary_rpc_method_handler(   # bytes in (the module docstring)
+            servicer.PreSettleWire, response_serializer=_serializer(st.SettleResponse)),
+        "Settle": grpc.unary_unary_rpc_method_handler(
+            servicer.SettleWire, response_serializer=_serializer(st.SettleResponse)),
         "Reverse": unary(servicer.Reverse, st.ReverseRequest, st.ReverseResponse),
         "GetSettlement": unary(servicer.GetSettlement, st.GetSettlementRequest,
                                st.GetSettlementResponse),

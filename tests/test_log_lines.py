@@ -2,11 +2,16 @@
 from __future__ import annotations
 
 import io
+import json
 import logging
 import sys
 import threading
+import time
 
-from server.logs import BufferedLineHandler
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from server.logs import BufferedLineHandler, JsonFormatter
 
 
 class _Message(logging.Formatter):
@@ -42,3 +47,21 @@ def test_no_line_is_lost_or_doubled_while_the_writer_flushes_concurrently():
     lines = out.getvalue().splitlines()
     assert len(lines) == 20_000
     assert set(lines) == {f"{t}-{i}" for t in range(4) for i in range(5000)}
+
+
+_VALUES = st.one_of(st.text(max_size=12), st.integers(), st.floats(), st.booleans(), st.none(),
+                    st.lists(st.integers(), max_size=2), st.sampled_from(['a"b', "a\\b", "\n"]))
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=st.dictionaries(st.one_of(st.text(max_size=6), st.sampled_from(["ts", "level"])),
+                              _VALUES, max_size=6),
+       logger=st.text(max_size=8), created=st.floats(0, 4e9))
+def test_a_line_is_json_dumps_text_of_its_fields(fields, logger, created):
+    # JsonFormatter writes plain values itself; the line must stay exactly json.dumps's
+    line = JsonFormatter().line(logger, "INFO", fields, created)
+    sec = int(created)
+    ts = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec)) + \
+        f".{int((created - sec) * 1000):03d}Z"
+    assert line == json.dumps({"ts": ts, "level": "INFO", "logger": logger, **fields},
+                              ensure_ascii=False)
