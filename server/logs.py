@@ -104,23 +104,33 @@ class BufferedLineHandler(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         self.handle(record)
 
-    def write(self, line: str) -> None:
-        """Queue a formatted line (``info``)."""
-        self._lines.append(line + "\n")
+    def defer(self, logger: str, fields: dict, created: float) -> None:
+        """Queue an INFO line to be formatted by the writer (``info``): the calling thread
+        only appends. ``fields`` must not change afterwards."""
+        self._lines.append((logger, fields, created))
 
     def flush(self) -> None:
         pending, lines = self._lines, []
         while pending:
             try:
-                lines.append(pending.popleft())
+                item = pending.popleft()
             except IndexError:   # another flush took the last one
                 break
+            lines.append(item if type(item) is str else self._format_deferred(*item))
         if lines:
             try:
                 self.stream.write("".join(lines))
                 self.stream.flush()
             except (OSError, ValueError):
                 pass
+
+    def _format_deferred(self, logger: str, fields: dict, created: float) -> str:
+        try:
+            return self.formatter.line(logger, "INFO", fields, created) + "\n"
+        except Exception:  # noqa: BLE001 — a value json cannot write: its repr, not the line lost
+            return self.formatter.line(logger, "INFO", {k: v if isinstance(
+                v, (str, int, float, bool, type(None))) else repr(v)
+                for k, v in fields.items()}, created) + "\n"
 
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
@@ -159,7 +169,7 @@ def info(logger: logging.Logger, fields: dict) -> None:
         return
     h = _LOG_HANDLER
     if h is not None and _only_writer(logger, h):
-        h.write(h.formatter.line(logger.name, "INFO", fields, time.time()))
+        h.defer(logger.name, fields, time.time())
     else:
         logger.info(fields)
 

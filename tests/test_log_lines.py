@@ -65,3 +65,31 @@ def test_a_line_is_json_dumps_text_of_its_fields(fields, logger, created):
         f".{int((created - sec) * 1000):03d}Z"
     assert line == json.dumps({"ts": ts, "level": "INFO", "logger": logger, **fields},
                               ensure_ascii=False)
+
+
+def test_a_deferred_line_is_written_in_order_and_never_lost(monkeypatch):
+    # logs.info queues the fields and the writer formats them: the lines come out in the
+    # order they were logged, records and deferred lines alike, and a value JSON cannot write
+    # is written as its repr rather than the line being dropped
+    from server import logs
+    out = io.StringIO()
+    handler = BufferedLineHandler(out, interval=3600)
+    handler.setFormatter(JsonFormatter())
+    root = logging.getLogger()
+    monkeypatch.setattr(root, "handlers", [handler])
+    monkeypatch.setattr(root, "level", logging.INFO)
+    monkeypatch.setattr(logs, "_LOG_HANDLER", handler)
+    log = logging.getLogger("test.deferred")
+    try:
+        logs.info(log, {"event": "rpc", "n": 1})
+        log.warning({"event": "direct"})
+        logs.info(log, {"event": "rpc", "odd": {1, 2}})
+        assert out.getvalue() == ""              # nothing formatted or written yet
+        handler.flush()
+    finally:
+        handler.close()
+    lines = [json.loads(x) for x in out.getvalue().splitlines()]
+    assert [x["event"] for x in lines] == ["rpc", "direct", "rpc"]
+    assert lines[0] == {"ts": lines[0]["ts"], "level": "INFO", "logger": "test.deferred",
+                        "event": "rpc", "n": 1}
+    assert lines[2]["odd"] == "{1, 2}" and lines[1]["level"] == "WARNING"

@@ -50,11 +50,13 @@ class Goal:
 
 
 GOALS = (
-    Goal("presettle_vs_echo", 0.80, 0.40, True,
+    Goal("presettle_vs_echo", 0.80, 0.55, True,
          "PreSettle calls/s over echo calls/s, 64 in flight, one process"),
-    Goal("settle_vs_presettle", 0.70, 0.60, True,
+    # PreSettle in C (server._single) gained more than Settle, whose calls/s rose too: the
+    # floor follows the ratio down (docs/performance.md, "Single calls in C")
+    Goal("settle_vs_presettle", 0.70, 0.50, True,
          "durable Settle (synchronous=FULL) calls/s over PreSettle's, 64 in flight"),
-    Goal("presettle_p99_vs_echo_p99", 1.30, 2.00, False,
+    Goal("presettle_p99_vs_echo_p99", 1.30, 1.50, False,
          "PreSettle p99 latency over echo p99, 64 in flight"),
     Goal("two_processes_vs_one", 1.70, 1.70, True,
          "PreSettle calls/s with --processes 2 over one process, two client processes "
