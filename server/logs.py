@@ -73,18 +73,19 @@ def setup_logging(level: str) -> None:
 
 
 class BufferedLineHandler(logging.Handler):
-    """Log lines formatted by the thread that logs, written out by one thread every 20 ms.
+    """Log lines written out by one thread every 20 ms: records formatted by the thread that
+    logs, the per-call lines of ``info`` by the writer itself.
 
     One write to stderr per line, under the handler's lock, made the threads serving calls
     queue behind each other (the GIL is let go during the write and the lock is not): about
-    half of a PreSettle's cost with 16 threads (docs/performance.md). Here a line costs its
-    formatting and a deque append; lines reach stderr at most ``interval`` later, and
+    half of a PreSettle's cost with 16 threads (docs/performance.md). Here a line costs a
+    deque append (and a record its formatting); lines reach stderr at most ``interval`` later, and
     ``stop_logging`` (at exit, in workers before they exit) writes out what is left."""
 
     def __init__(self, stream, interval: float = 0.02):
         super().__init__()
         self.stream, self.interval = stream, interval
-        self._lines: collections.deque[str] = collections.deque()
+        self._lines: collections.deque = collections.deque()   # lines, or info's fields
         self._stop = threading.Event()
         self._writer = threading.Thread(target=self._run, name="log-writer", daemon=True)
         self._writer.start()
@@ -161,10 +162,11 @@ atexit.register(stop_logging)
 
 def info(logger: logging.Logger, fields: dict) -> None:
     """``logger.info(fields)`` — the line of every call. When this module's writer is the only
-    handler on the logger's way (a server as ``setup_logging`` made it), the line is formatted
-    and queued directly: the same line, without a LogRecord and the handler chain (about 7 µs
-    of a call's 45 in process, docs/performance.md). Any other handler (a test's capture, an
-    operator's) gets the record as usual."""
+    handler on the logger's way (a server as ``setup_logging`` made it), the fields are queued
+    and the writer thread formats them: the same line, without a LogRecord, the handler chain
+    or the formatting in the calling thread (docs/performance.md). ``fields`` must not change
+    afterwards. Any other handler (a test's capture, an operator's) gets the record as
+    usual."""
     if not logger.isEnabledFor(logging.INFO):
         return
     h = _LOG_HANDLER

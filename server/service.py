@@ -2,7 +2,10 @@
 
 Thin on purpose: the numbers come from ``engine``, persistence and locking from the ledger,
 validation from ``server.convert``. Every method goes through ``rpc`` which maps domain errors
-to status codes (``server.errors``) and writes one JSON log line per call.
+to status codes (``server.errors``) and writes one JSON log line per call. PreSettle and
+Settle are served from the request's bytes (``SettlementServicer._wire``): most requests in C
+(``server._single``), the others through the same ``rpc`` methods, with the same mapping and
+log line.
 """
 from __future__ import annotations
 
