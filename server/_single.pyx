@@ -317,6 +317,18 @@ cdef class WireView:
 
 # --- settling and encoding -------------------------------------------------------------------------
 
+cdef inline Py_ssize_t put_headed(unsigned char* p, int field, bytes head,
+                                  const unsigned char* tail, Py_ssize_t n):
+    """A submessage field whose body is ``head`` (its first fields, encoded once by upb) and
+    then tail[:n]."""
+    cdef Py_ssize_t k = put_key(p, field, 2)
+    k += put_varint(p + k, <uint64_t> (len(head) + n))
+    memcpy(p + k, <const char*> head, len(head))
+    k += len(head)
+    memcpy(p + k, tail, n)
+    return k + n
+
+
 cdef Py_ssize_t put_view(unsigned char* p, WireView view, const int64_t* st, int64_t scale,
                          int64_t month):
     """The ``layers`` (field 4) of the accumulators view after the claim
@@ -364,12 +376,7 @@ cdef Py_ssize_t put_view(unsigned char* p, WireView view, const int64_t* st, int
                 if j + 1 < e.band_count:
                     b += put_key(sub + b, 10, 0)
                     b += put_varint(sub + b, <uint64_t> (band[2 * (j + 1)] - base))
-        k += put_key(p + k, 4, 2)
-        k += put_varint(p + k, <uint64_t> (len(head) + b))
-        memcpy(p + k, <const char*> head, len(head))
-        k += len(head)
-        memcpy(p + k, sub, b)
-        k += b
+        k += put_headed(p + k, 4, head, sub, b)
     return k
 
 
@@ -486,12 +493,7 @@ def settle(WirePlan plan not None, WireView view not None, tuple req, int64_t fa
         for j in range(nf):
             head = plan.fund_heads[order[j]]
             b = put_field_varint(sub, 3, fund_amount[j])
-            k += put_key(msg + k, 9, 2)
-            k += put_varint(msg + k, <uint64_t> (len(head) + b))
-            memcpy(msg + k, <const char*> head, len(head))
-            k += len(head)
-            memcpy(msg + k, sub, b)
-            k += b
+            k += put_headed(msg + k, 9, head, sub, b)
         # layers (10): every applied layer, in the policy's order
         for i in range(nl):
             if not (applied >> i) & 1:
@@ -502,12 +504,7 @@ def settle(WirePlan plan not None, WireView view not None, tuple req, int64_t fa
             if cap != NO_VALUE:
                 b += put_key(sub + b, 5, 0)
                 b += put_varint(sub + b, <uint64_t> cap)
-            k += put_key(msg + k, 10, 2)
-            k += put_varint(msg + k, <uint64_t> (len(head) + b))
-            memcpy(msg + k, <const char*> head, len(head))
-            k += len(head)
-            memcpy(msg + k, sub, b)
-            k += b
+            k += put_headed(msg + k, 10, head, sub, b)
         k += put_field_varint(msg + k, 11, o[O_FUND_TOTAL])
         k += put_field_varint(msg + k, 12, o[O_PATIENT_TOTAL])
         k += put_field_varint(msg + k, 13, o[O_ACCOUNT_PAID])

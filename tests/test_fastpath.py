@@ -75,13 +75,19 @@ def _case(rng: random.Random, policies):
     return m, req, acc, level, chain
 
 
-@pytest.mark.parametrize("seed", range(4))
-def test_the_wire_path_builds_the_same_settlement_and_outcome_as_the_general_path(seed):
-    policies = store()
+def fast_and_general(policies) -> tuple[Core, Core]:
+    """Two cores over the same policies: the kernel's wire path and the general path."""
     fast = Core(MemoryLedger(), policies, "kernel")
     general = Core(MemoryLedger(), policies, "kernel")
     general.fast = False
     assert fast.fast
+    return fast, general
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_the_wire_path_builds_the_same_settlement_and_outcome_as_the_general_path(seed):
+    policies = store()
+    fast, general = fast_and_general(policies)
     rng = random.Random(seed)
     for _ in range(500):
         m, req, acc, level, chain = _case(rng, policies)

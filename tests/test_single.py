@@ -27,7 +27,7 @@ from server import _single, convert, fastpath
 from server.ledger.base import FacilityRecord, MemberState
 from server.ledger.memory import MemoryLedger
 from server.service import Core, SettlementServicer
-from test_fastpath import _case
+from test_fastpath import _case, fast_and_general
 
 LEVEL_WIRE = {"LEVEL_1": ty.FACILITY_LEVEL_1, "LEVEL_2": ty.FACILITY_LEVEL_2,
               "LEVEL_3": ty.FACILITY_LEVEL_3}
@@ -167,9 +167,7 @@ def test_plain_requests_of_its_kind_are_taken():
 @pytest.mark.parametrize("seed", range(4))
 def test_the_c_path_builds_the_general_paths_reply_and_outcome(seed):
     policies = store()
-    core = Core(MemoryLedger(), policies, "kernel")
-    general = Core(MemoryLedger(), policies, "kernel")
-    general.fast = False
+    core, general = fast_and_general(policies)
     rng = random.Random(seed)
     compared = 0
     for _ in range(600):
