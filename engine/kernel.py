@@ -267,6 +267,18 @@ def member_facts(identity: str, groups, retired: bool, maternity_eligible: bool)
     return facts
 
 
+def place_facts(level: str, facility_id: str, primary_facility: str | None,
+                other_facility: str | None) -> int:
+    """The facts of where a claim is settled: the facility's level, and whether it is the
+    member's primary or other selected facility."""
+    facts = _LEVEL_BIT[level]
+    if primary_facility is not None and facility_id == primary_facility:
+        facts |= _PRIMARY
+    elif other_facility is not None and facility_id == other_facility:
+        facts |= _OTHER
+    return facts
+
+
 def row_of(facts: int, primary_facility: str | None, other_facility: str | None, months: int,
            kind: str, level: str, day: date, facility_id: str, *, home_bed: bool,
            out_of_area: bool, childbirth: bool, referred_on: date | None, bill,
@@ -279,17 +291,13 @@ def row_of(facts: int, primary_facility: str | None, other_facility: str | None,
     lvl, knd = _LEVEL.get(level), _KIND.get(kind)
     if lvl is None or knd is None:
         raise InvalidInput("claim", f"unknown claim kind {kind!r} or facility level {level!r}")
-    facts |= _LEVEL_BIT[level]
+    facts |= place_facts(level, facility_id, primary_facility, other_facility)
     if home_bed:
         facts |= _HOME_BED
     if out_of_area:
         facts |= _OUT_OF_AREA
     if childbirth:
         facts |= _CHILDBIRTH
-    if primary_facility is not None and facility_id == primary_facility:
-        facts |= _PRIMARY
-    elif other_facility is not None and facility_id == other_facility:
-        facts |= _OTHER
     return (facts, knd, lvl, day.month, months, day.toordinal(),
             0 if referred_on is None else referred_on.toordinal(),
             bill.total_fen, bill.full_selfpay_fen, bill.over_limit_fen, bill.pre_selfpay_fen,

@@ -280,9 +280,7 @@ def _wire_settle(core, req: tuple, m: MemberRecord, f, acc: Accumulators, balanc
     """server._single.settle of a parsed request for member ``m`` at facility ``f``; None
     where the general path answers (not covered, no policy in force, refused by the kernel)."""
     day = req[4]
-    since = m.continuous_since    # service.check_covered
-    if day < since or (m.benefit_start and day < m.benefit_start) or \
-            (m.benefit_end and day > m.benefit_end):
+    if m.not_covered_on(day):     # service.check_covered
         return None
     try:
         plan = plan_for(core.policies.policy_for(m.region, day))
@@ -293,12 +291,8 @@ def _wire_settle(core, req: tuple, m: MemberRecord, f, acc: Accumulators, balanc
     cp = plan.cp
     mask = member_mask(m)
     level = rule_level(f)
-    facts = mask | _kernel_mod._LEVEL_BIT[level]   # engine.kernel.row_of
-    facility_id = req[2]
-    if m.primary_facility is not None and facility_id == m.primary_facility:
-        facts |= _kernel_mod._PRIMARY
-    elif m.other_facility is not None and facility_id == m.other_facility:
-        facts |= _kernel_mod._OTHER
+    facts = mask | _kernel_mod.place_facts(level, req[2], m.primary_facility, m.other_facility)
+    since = m.continuous_since
     months = (day.year * 12 + day.month) - (since.year * 12 + since.month) + 1
     got = _single.settle(
         plan.wire, plan.wire_view(mask), req, facts, _kernel_mod._LEVEL[level], months,

@@ -123,18 +123,10 @@ def _check_deadline(context) -> None:
 
 def check_covered(m: MemberRecord, day: date) -> None:
     """The member's benefit period and contribution run must include the service date."""
-    if m.benefit_start and day < m.benefit_start:
+    why = m.not_covered_on(day)
+    if why:
         raise NotCovered("NOT_COVERED", f"members/{m.member_id}",
-                         f"member {m.member_id!r} is not covered on {day}: benefits start "
-                         f"{m.benefit_start}")
-    if m.benefit_end and day > m.benefit_end:
-        raise NotCovered("NOT_COVERED", f"members/{m.member_id}",
-                         f"member {m.member_id!r} is not covered on {day}: benefits ended "
-                         f"{m.benefit_end}")
-    if day < m.continuous_since:
-        raise NotCovered("NOT_COVERED", f"members/{m.member_id}",
-                         f"member {m.member_id!r} is not covered on {day}: continuous "
-                         f"contribution began {m.continuous_since}")
+                         f"member {m.member_id!r} is not covered on {day}: {why}")
 
 
 class Core:

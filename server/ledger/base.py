@@ -62,6 +62,17 @@ class MemberRecord:
     region: str = "jiangmen"
     account_balance_fen: int = 0
 
+    def not_covered_on(self, day: date) -> str | None:
+        """Why the member is not covered on ``day`` (the benefit period and the contribution
+        run must include it), or None."""
+        if self.benefit_start and day < self.benefit_start:
+            return f"benefits start {self.benefit_start}"
+        if self.benefit_end and day > self.benefit_end:
+            return f"benefits ended {self.benefit_end}"
+        if day < self.continuous_since:
+            return f"continuous contribution began {self.continuous_since}"
+        return None
+
 
 @dataclass(frozen=True)
 class FacilityRecord:
