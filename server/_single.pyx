@@ -239,9 +239,9 @@ cdef class WirePlan:
         self.layer_ids, self.layer_heads, self.fund_heads = layer_ids, layer_heads, fund_heads
         self.n_codes = 0
         for i in range(self.nl):
-            self.code_of[i] = code_index[i]
             if not 0 <= code_index[i] < self.nl:
                 raise ValueError("a fund code index out of range")
+            self.code_of[i] = code_index[i]
             self.n_codes = max(self.n_codes, code_index[i] + 1)
         self.version = version.encode("utf-8")
         self.bound = 2 * len(self.version)
@@ -270,7 +270,7 @@ cdef class WireView:
     how its limit and band are found."""
     cdef Entry* entries
     cdef int64_t* bands    # (from, rate) pairs
-    cdef Py_ssize_t n, bound
+    cdef Py_ssize_t n, bound, layers   # layers: 1 + the highest layer index listed
     cdef list heads
 
     def __cinit__(self):
@@ -288,11 +288,14 @@ cdef class WireView:
         if self.entries == NULL or self.bands == NULL:
             raise MemoryError()
         self.heads = []
-        self.bound = 0
+        self.bound = self.layers = 0
         nb = 0
         for i, (index, head, kind, cap, scaled, threshold, bands) in enumerate(entries):
             if not 0 <= kind <= 2:
                 raise ValueError(f"unknown limit kind {kind}")
+            if not 0 <= index < MAX_LAYERS:
+                raise ValueError(f"layer index {index} out of range")
+            self.layers = max(self.layers, index + 1)
             self.heads.append(head)
             self.bound += len(head) + 80
             self.entries[i].index = index
@@ -424,6 +427,8 @@ def settle(WirePlan plan not None, WireView view not None, tuple req, int64_t fa
         raise ValueError(f"unknown claim kind {kind}")
     if state.ob_descr.typecode_char != b"q" or len(state) != 2 * nl:
         raise ValueError(f"state must be array('q') of {2 * nl} values")
+    if view.layers > nl:
+        raise ValueError("a view of another policy")
     for i in range(2 * nl):
         st[i] = before[i] = state.data.as_longlongs[i]
     # engine.kernel.row_of
