@@ -231,6 +231,14 @@ def test_a_facility_settles_only_as_itself(pki, srv, method):
         assert code_of(call, inpatient(rid, "M1", "H3", 100_000)) == grpc.StatusCode.OK
         with pytest.raises(grpc.RpcError) as e:
             call(inpatient(rid or "", "M1", "H2", 100_000), timeout=10)
+        # served from its bytes (server.wire.RAW_REQUESTS): the rule still reads them, and
+        # bytes that are no SettleRequest are refused as such
+        raw = c.channel.unary_unary(f"/reimburse.v1.SettlementService/{method}",
+                                    request_serializer=None, response_deserializer=None)
+        with pytest.raises(grpc.RpcError) as bad:
+            raw(b"\x1a\x02\xff", timeout=10)
+        assert bad.value.code() == grpc.StatusCode.INVALID_ARGUMENT, bad.value.details()
+        assert "not a valid reimburse.v1.SettleRequest" in bad.value.details()
     assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert "facility:H3" in e.value.details() and "'H2'" in e.value.details()
     assert [r.facility_id for r in ledger.journal()] == (["H3"] if method == "Settle" else [])
