@@ -149,6 +149,32 @@ cdef inline Py_ssize_t put_sub(unsigned char* p, int field, const unsigned char*
     return k + size
 
 
+cdef inline Py_ssize_t put_request_tail(unsigned char* p, int64_t kind, int64_t ymd,
+                                        int64_t total, int64_t fsp, int64_t olim, int64_t psp,
+                                        int64_t flags, int64_t referred) noexcept nogil:
+    """A SettleRequest's fields after its ids (4-13) as its deterministic encoding writes them
+    (``server.convert.request_hash``): kind, service date and the amounts always present, the
+    flags as ``ClaimColumns.flags`` has them (1 use_personal_account, 2
+    home_bed_after_transfer, 4 out_of_area_unfiled, 8 childbirth), ``referred`` the
+    referred_by_primary_on date as YYYYMMDD (0: none). At most 160 bytes."""
+    cdef unsigned char amounts[48]
+    cdef Py_ssize_t k, a
+    k = put_field_varint(p, 4, kind)
+    k += put_date(p + k, 5, ymd)
+    a = put_field_varint(amounts, 1, total)
+    a += put_field_varint(amounts + a, 2, fsp)
+    a += put_field_varint(amounts + a, 3, olim)
+    a += put_field_varint(amounts + a, 4, psp)
+    k += put_sub(p + k, 7, amounts, a)
+    k += put_field_varint(p + k, 9, (flags >> 1) & 1)
+    k += put_field_varint(p + k, 10, (flags >> 2) & 1)
+    k += put_field_varint(p + k, 11, (flags >> 3) & 1)
+    if referred:
+        k += put_date(p + k, 12, referred)
+    k += put_field_varint(p + k, 13, flags & 1)
+    return k
+
+
 # --- ids --------------------------------------------------------------------------------------
 
 cdef inline bint id_ok(str v, Py_ssize_t max_len):

@@ -29,8 +29,8 @@ from engine._kernel cimport (
     O_BALANCE_AFTER, O_CHAIN_AFTER, O_APPLIED, O_LAYERS,
 )
 from server._pb cimport (
-    id_ok, ordinal, put_bytes, put_date, put_field_varint, put_key, put_sub, put_varint,
-    read_varint, ymd_ordinal,
+    id_ok, ordinal, put_bytes, put_date, put_field_varint, put_key, put_request_tail, put_sub,
+    put_varint, read_varint, ymd_ordinal,
 )
 from hashlib import sha256 as _sha256
 
@@ -187,32 +187,20 @@ def parse_settle(const unsigned char[::1] data):
 
 def request_digest(tuple req):
     """``server.convert.request_hash`` of the request ``parse_settle`` read as ``req``: the
-    SHA-256 of its deterministic encoding (fields in number order, defaults left out, the
-    service date and the amounts present), built without a message object."""
-    cdef Py_ssize_t n_rid, n_mid, n_fid, k, b
+    SHA-256 of its deterministic encoding, built without a message object."""
+    cdef Py_ssize_t n_rid, n_mid, n_fid, k
     cdef const char* rid = PyUnicode_AsUTF8AndSize(req[0], &n_rid)
     cdef const char* mid = PyUnicode_AsUTF8AndSize(req[1], &n_mid)
     cdef const char* fid = PyUnicode_AsUTF8AndSize(req[2], &n_fid)
-    cdef int64_t flags = req[9]
-    cdef unsigned char body[64]
     cdef unsigned char p[2048]     # ids are at most MAX_ID characters, 4 bytes each
     day = req[4]
-    if n_rid + n_mid + n_fid > 2048 - 160:
+    if n_rid + n_mid + n_fid > 2048 - 180:
         raise ValueError("ids longer than parse_settle takes")
     k = put_bytes(p, 1, <const unsigned char*> rid, n_rid)
     k += put_bytes(p + k, 2, <const unsigned char*> mid, n_mid)
     k += put_bytes(p + k, 3, <const unsigned char*> fid, n_fid)
-    k += put_field_varint(p + k, 4, req[3])
-    k += put_date(p + k, 5, day.year * 10000 + day.month * 100 + day.day)
-    b = put_field_varint(body, 1, req[5])
-    b += put_field_varint(body + b, 2, req[6])
-    b += put_field_varint(body + b, 3, req[7])
-    b += put_field_varint(body + b, 4, req[8])
-    k += put_sub(p + k, 7, body, b)
-    k += put_field_varint(p + k, 9, 1 if flags & F_HOME_BED else 0)
-    k += put_field_varint(p + k, 10, 1 if flags & F_OUT_OF_AREA else 0)
-    k += put_field_varint(p + k, 11, 1 if flags & F_CHILDBIRTH else 0)
-    k += put_field_varint(p + k, 13, 1 if flags & F_USE_ACCOUNT else 0)
+    k += put_request_tail(p + k, req[3], day.year * 10000 + day.month * 100 + day.day,
+                          req[5], req[6], req[7], req[8], req[9], 0)
     return _sha256((<char*> p)[:k]).hexdigest()
 
 

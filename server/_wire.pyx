@@ -25,8 +25,8 @@ from engine._kernel cimport (
     O_BALANCE_AFTER, O_CHAIN_AFTER, O_APPLIED, O_LAYERS, NO_VALUE,
 )
 from server._pb cimport (
-    id_ok, ordinal, put_bytes, put_date, put_field_varint, put_key, put_sub,
-    put_varint, read_varint, skip_field, varint_size, ymd_ordinal,
+    id_ok, ordinal, put_bytes, put_date, put_field_varint, put_key, put_request_tail,
+    put_sub, put_varint, read_varint, skip_field, varint_size, ymd_ordinal,
 )
 from engine.claims import MAX_FEN as _MAX_FEN
 from engine.kernel import zeros as _zeros
@@ -586,9 +586,7 @@ def request_digests(Py_ssize_t n, list cols, list member_ids, list facility_ids,
     cdef const int64_t[::1] c_olim = cols[6], c_psp = cols[7], c_flags = cols[8]
     cdef const int64_t[::1] c_ref = cols[9]
     cdef unsigned char fixed[256]
-    cdef unsigned char amounts[64]
-    cdef Py_ssize_t i, k, a
-    cdef int64_t flags, ref
+    cdef Py_ssize_t i, k
     cdef list out = [None] * n
     ids_m = [s.encode("utf-8") for s in member_ids]
     ids_f = [s.encode("utf-8") for s in facility_ids]
@@ -606,24 +604,8 @@ def request_digests(Py_ssize_t n, list cols, list member_ids, list facility_ids,
             head += length_delimited(2, mid)
         if fid:
             head += length_delimited(3, fid)
-        k = put_field_varint(fixed, 4, c_kind[i])
-        k += put_date(fixed + k, 5, c_date[i])
-        a = put_field_varint(amounts, 1, c_total[i])
-        a += put_field_varint(amounts + a, 2, col(c_fsp, i))
-        a += put_field_varint(amounts + a, 3, col(c_olim, i))
-        a += put_field_varint(amounts + a, 4, col(c_psp, i))
-        k += put_varint(fixed + k, (7 << 3) | 2)
-        k += put_varint(fixed + k, <uint64_t> a)
-        memcpy(fixed + k, amounts, a)
-        k += a
-        flags = col(c_flags, i)
-        k += put_field_varint(fixed + k, 9, (flags >> 1) & 1)
-        k += put_field_varint(fixed + k, 10, (flags >> 2) & 1)
-        k += put_field_varint(fixed + k, 11, (flags >> 3) & 1)
-        ref = col(c_ref, i)
-        if ref:
-            k += put_date(fixed + k, 12, ref)
-        k += put_field_varint(fixed + k, 13, flags & 1)
+        k = put_request_tail(fixed, c_kind[i], c_date[i], c_total[i], col(c_fsp, i),
+                             col(c_olim, i), col(c_psp, i), col(c_flags, i), col(c_ref, i))
         out[i] = sha256(head + (<char*> fixed)[:k]).hexdigest()
     return out
 
