@@ -3,7 +3,8 @@
     .venv/bin/python -m pytest benchmarks/test_bench_service.py
 
 What a call costs the server besides the transport: PreSettle through the servicer (the
-general path over engine objects and the kernel wire path of ``server.fastpath``), and a
+general path over engine objects, the kernel wire path of ``server.fastpath`` and the
+request's bytes answered in C by ``server._single``), and a
 1000-claim PreSettleBatch (C decode, kernel batch, C encode). Over the wire, with the echo RPC
 as the baseline, see ``python -m benchmarks.load`` and tests/test_performance_ratios.py. No
 test asserts a time.
@@ -58,13 +59,23 @@ def _presettle(servicer, reqs):
         servicer.PreSettle(st.SettleRequest.FromString(raw), ctx).SerializeToString()
 
 
-@pytest.mark.parametrize("path", ["general", "fast"])
+def _presettle_wire(servicer, reqs):
+    ctx = _Ctx()
+    for raw in reqs:
+        servicer.PreSettleWire(raw, ctx)
+
+
+@pytest.mark.parametrize("path", ["general", "fast", "wire"])
 def test_presettle_512_claims_through_the_servicer(benchmark, setup, path):
+    # general: engine objects and views; fast: the kernel wire path in Python
+    # (server.fastpath.settle); wire: the request's bytes in and the reply's out, in C for
+    # these claims (server._single), as the server calls it
     ledger, reqs, _ = setup
     core = Core(ledger, store(), "kernel")
-    core.fast = path == "fast"
+    core.fast = path != "general"
     benchmark.group = GROUP
-    benchmark.pedantic(_presettle, args=(SettlementServicer(core), reqs), rounds=10)
+    benchmark.pedantic(_presettle_wire if path == "wire" else _presettle,
+                       args=(SettlementServicer(core), reqs), rounds=10)
 
 
 def test_presettle_batch_of_1000_claims(benchmark, setup):
