@@ -36,8 +36,6 @@ from server.convert import FUND, IDENTITY_WIRE, KIND_WIRE, SettleCall, rule_leve
 from server.ledger.base import MemberRecord, MemberState, NotFound, Outcome
 from server.views import MEMBER_FACTS
 
-_MEMBER_FACT_MASK = _kernel_mod.facts_mask(MEMBER_FACTS)
-
 # view entry kinds: how a layer's limit is found (views._limit)
 _CAP, _YEARLY, _MONTHLY = 0, 1, 2
 

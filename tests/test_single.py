@@ -27,10 +27,11 @@ from server import _single, convert, fastpath
 from server.ledger.base import FacilityRecord, MemberState
 from server.ledger.memory import MemoryLedger
 from server.service import Core, SettlementServicer
+from server.wire import varint
 from test_fastpath import _case, fast_and_general
 
-LEVEL_WIRE = {"LEVEL_1": ty.FACILITY_LEVEL_1, "LEVEL_2": ty.FACILITY_LEVEL_2,
-              "LEVEL_3": ty.FACILITY_LEVEL_3}
+# _case draws NON_DESIGNATED too: a level-2 facility registered as not designated
+DESIGNATED_LEVELS = ("LEVEL_1", "LEVEL_2", "LEVEL_3")
 
 _IDS = hs.one_of(hs.sampled_from(["", "M1", "H3", "r-1", " M1", "M1 ", "M\n1", "医院",
                                   "x" * 128, "x" * 129, "\u2028", "a\u00a0"]),
@@ -116,7 +117,6 @@ def test_parse_settle_takes_exactly_the_valid_requests_of_its_kind(req):
 
 
 def _field(number: int, wire: int, payload: bytes) -> bytes:
-    from server.wire import varint
     key = varint(number << 3 | wire)
     return key + (varint(len(payload)) + payload if wire == 2 else payload)
 
@@ -179,8 +179,9 @@ def test_the_c_path_builds_the_general_paths_reply_and_outcome(seed):
             assert not _fast_kind(req)
             continue
         call = convert.validate_settle(req, require_request_id=True)
-        facility = FacilityRecord(req.facility_id, level if level in LEVEL_WIRE else "LEVEL_2",
-                                  designated=level in LEVEL_WIRE)
+        facility = FacilityRecord(req.facility_id,
+                                  level if level in DESIGNATED_LEVELS else "LEVEL_2",
+                                  designated=level in DESIGNATED_LEVELS)
         state = MemberState(m, acc, m.account_balance_fen, facility)
         want, msg = general.evaluate(call, convert.rule_level(facility), 0, state)
         got = fastpath.settle_wire(core, parsed, state)
