@@ -120,7 +120,7 @@ def parse_settle(const unsigned char[::1] data):
     cdef int field, wire, k
     cdef int64_t kind = 0, ymd = 0, flags = 0
     cdef int64_t amount[4]
-    cdef bint has_date = False, has_amounts = False
+    cdef bint has_date = False, has_amounts = False, trace = False
     if end == 0:
         return None
     b = &data[0]
@@ -160,10 +160,14 @@ def parse_settle(const unsigned char[::1] data):
                 flags = (flags | F_CHILDBIRTH) if v else (flags & ~F_CHILDBIRTH)
             elif field == 13:
                 flags = (flags | F_USE_ACCOUNT) if v else (flags & ~F_USE_ACCOUNT)
-            elif field != 14 or v:           # want_trace: the reference evaluator's
+            elif field == 14:                # want_trace (the last one counts, as in upb)
+                trace = v != 0
+            else:
                 return None
         else:
             return None
+    if trace:                                # the reference evaluator's
+        return None
     # convert.validate_settle: a known kind, a date, the amounts, inpatient-only flags
     if not (kind == 1 or kind == 2) or not has_date or not has_amounts:
         return None

@@ -162,6 +162,17 @@ def test_plain_requests_of_its_kind_are_taken():
     assert _single.parse_settle(b"") is None
 
 
+def test_the_last_want_trace_of_the_bytes_is_the_one_that_counts():
+    # upb keeps a scalar's last occurrence: a trace asked for and then cleared is not asked for
+    req = st.SettleRequest(request_id="r1", member_id="M1", facility_id="H3",
+                           kind=ty.CLAIM_KIND_OUTPATIENT,
+                           service_date=ty.Date(year=2018, month=2, day=28),
+                           amounts=st.BillAmounts(total_fen=10_000))
+    trace_on, trace_off = b"\x70\x01", b"\x70\x00"   # field 14, varint
+    assert _check_parse(trace_on + req.SerializeToString() + trace_off) is not None
+    assert _check_parse(trace_off + req.SerializeToString() + trace_on) is None
+
+
 # --- the same numbers, the same bytes --------------------------------------------------------
 
 @pytest.mark.parametrize("seed", range(4))
