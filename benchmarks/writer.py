@@ -1,6 +1,7 @@
 """Where the SQLite ledger's one writer spends a durable batch: SQL statements and the rest.
 
     python -m benchmarks.writer                       # in process: 60 batches, one at a time
+    python -m benchmarks.writer --settles 200         # in process: 200 groups of 16 Settles
     python -m benchmarks.writer --serve -- --insecure --listen 127.0.0.1:50061 --database /tmp/w.db
         # a server (python -m server's arguments after --); drive it, e.g.
         #   python -m benchmarks.load --target 127.0.0.1:50061 --modes batch-settle \\
@@ -150,6 +151,63 @@ def in_process(members: int, batches: int) -> str:
             f"batch in all\n" + timings.report())
 
 
+def settle_groups(members: int, groups: int, size: int = 16) -> str:
+    """Groups of ``size`` single settlements (what concurrent ``Settle`` calls hand the
+    committer) run by the committer's ``_run_group`` on this thread, with the evaluation the
+    service gives them (``server.fastpath.settle_wire``): the writer's own time per settlement,
+    without other threads."""
+    from benchmarks import workload
+    from engine.loader import store
+    from server import _single, convert, fastpath
+    from server.ledger.base import BatchItem
+    from server.ledger.sqlite import _Unit
+    from server.service import Core
+
+    with tempfile.TemporaryDirectory() as d:
+        ledger = SqliteLedger(Path(d) / "ledger.db")
+        try:
+            pop = workload.population(members, seed=5, prefix="P")
+            for f in pop.facilities:
+                ledger.upsert_facility(convert.facility_from_wire(f))
+            for m in pop.members:
+                ledger.upsert_member(convert.member_from_wire(m))
+            core = Core(ledger, store())
+            reqs = []
+            for i, claim in enumerate(workload.claims(pop, (groups + 3) * size, seed=6)):
+                r = workload.settle_request(pop, claim)
+                r.request_id = f"s-{i}"
+                reqs.append(_single.parse_settle(r.SerializeToString()))
+
+            def unit(req) -> _Unit:
+                return _Unit(None, BatchItem(req[2], req[0], _single.request_digest(req), req[1],
+                                             req[4].year),
+                             lambda state: fastpath.settle_wire(core, req, state))
+
+            batches = [[unit(r) for r in reqs[k:k + size]] for k in range(0, len(reqs), size)]
+            commit = ledger._commit
+            spent = [0.0]
+
+            def timed_commit(c):
+                t = time.perf_counter()
+                commit(c)
+                spent[0] += time.perf_counter() - t
+
+            for g in batches[:3]:
+                ledger._run_group(g)
+            ledger._commit = timed_commit
+            t, cpu = time.perf_counter(), time.thread_time()
+            for g in batches[3:]:
+                ledger._run_group(g)
+            elapsed, cpu = time.perf_counter() - t, time.thread_time() - cpu
+            refused = sum(u.error is not None for g in batches for u in g)
+        finally:
+            ledger.close()
+    n = groups * size
+    return (f"{groups} groups of {size} settlements: {elapsed / n * 1e6:.0f} µs a settlement "
+            f"({(elapsed - spent[0]) / n * 1e6:.0f} µs without COMMIT), thread CPU "
+            f"{cpu / n * 1e6:.0f} µs; {refused} refused")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     server_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -159,7 +217,12 @@ def main(argv: list[str] | None = None) -> int:
                     help="run python -m server with the arguments after --, instrumented")
     ap.add_argument("--members", type=int, default=20_000, help="in process (%(default)s)")
     ap.add_argument("--batches", type=int, default=60, help="in process (%(default)s)")
+    ap.add_argument("--settles", type=int, metavar="GROUPS", default=0,
+                    help="in process: GROUPS groups of 16 single settlements instead of batches")
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
+    if args.settles and not args.serve:
+        print(settle_groups(args.members, args.settles))
+        return 0
     if not args.serve:
         print(in_process(args.members, args.batches))
         return 0

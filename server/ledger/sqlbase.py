@@ -183,7 +183,7 @@ class SqlLedger(BulkReads):
         r = self._x(cur, f"SELECT {MEMBER_COLS} FROM members WHERE member_id = ?"
                     + self.FOR_UPDATE, (member_id,)).fetchone()
         if r is None:
-            raise NotFound(f"member {member_id!r} is not registered")
+            raise _no_member(member_id)
         return r
 
     def _move(self, cur, member_id: str, seq: int, kind: str, amount: int,
@@ -260,7 +260,7 @@ class SqlLedger(BulkReads):
             cur, f"SELECT {MEMBER_COLS} FROM members WHERE member_id = ?",
             (member_id,)).fetchone(), "read")
         if r is None:
-            raise NotFound(f"member {member_id!r} is not registered")
+            raise _no_member(member_id)
         return self._member(r)
 
     def upsert_facility(self, f: FacilityRecord) -> None:
@@ -282,9 +282,8 @@ class SqlLedger(BulkReads):
         r = self._x(cur, f"SELECT {FACILITY_COLS} FROM facilities WHERE facility_id = ?",
                     (facility_id,)).fetchone()
         if r is None:
-            raise NotFound(f"facility {facility_id!r} is not registered")
-        return FacilityRecord(facility_id=r[0], level=r[1], designated=bool(r[2]),
-                              district=r[3], name=r[4])
+            raise _no_facility(facility_id)
+        return _facility_record(r)
 
     def _accumulators(self, cur, member_id: str, year: int) -> Accumulators:
         rows = self._x(cur, "SELECT layer_id, paid_fen, base_fen FROM accumulators "
@@ -384,12 +383,7 @@ class SqlLedger(BulkReads):
                 else:
                     results[i] = replay_or_conflict(rec, items[i].request_hash)
             member_ids = sorted({it.member_id for i, it in enumerate(items) if new[i]})
-            rows = {}
-            for chunk in _chunks(member_ids):
-                for r in self._x(cur, f"SELECT {MEMBER_COLS} FROM members WHERE member_id IN "
-                                      f"({', '.join('?' * len(chunk))}) ORDER BY member_id"
-                                      + self.FOR_UPDATE, tuple(chunk)).fetchall():
-                    rows[r[0]] = r
+            rows = self._members_in(cur, member_ids)
             members = {mid: self._member(rows[mid]) if mid in rows else None
                        for mid in member_ids}
             for i, it in enumerate(items):           # under the locks, as settle does
@@ -419,26 +413,7 @@ class SqlLedger(BulkReads):
             if not look_up and len(inserts) < len(first):   # some were refused now (unit)
                 unsettled.extend(key for key, i in first.items()
                                  if not isinstance(results[i], SettleResult))
-            if inserts:
-                cur.executemany(self._sql(
-                    f"INSERT INTO settlements ({SETTLEMENT_COLS}) "
-                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"), inserts)
-            if added:
-                cur.executemany(self._sql(
-                    "INSERT INTO accumulators AS a (member_id, year, layer_id, paid_fen, "
-                    "base_fen) VALUES (?, ?, ?, ?, ?) ON CONFLICT (member_id, year, layer_id) "
-                    "DO UPDATE SET paid_fen = a.paid_fen + excluded.paid_fen, "
-                    "base_fen = a.base_fen + excluded.base_fen"),
-                    [(*k, v[0], v[1]) for k, v in added.items()])
-            if moves:
-                cur.executemany(self._sql(
-                    "INSERT INTO account_movements (member_id, seq, kind, amount_fen, "
-                    "settlement_id, balance_after_fen, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
-                    moves)
-                last = {m[0]: (m[5], m[1]) for m in moves}
-                cur.executemany(self._sql(
-                    "UPDATE members SET account_balance_fen = ?, account_seq = ? "
-                    "WHERE member_id = ?"), [(b, q, mid) for mid, (b, q) in last.items()])
+            self._write_journal(cur, inserts, added, moves)
             resolve_repeats(items, results)      # later uses of a key of this batch
             return results
 
@@ -467,6 +442,142 @@ class SqlLedger(BulkReads):
             self._x(cur, "RELEASE batch_keys")
             return results
         return self._run(unit)
+
+    def _write_journal(self, cur, inserts: list, added: dict, moves: list) -> None:
+        """Write what ``journal_rows`` made: journal rows, accumulator additions, account
+        movements and the members' balances after them."""
+        if inserts:
+            cur.executemany(self._sql(
+                f"INSERT INTO settlements ({SETTLEMENT_COLS}) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"), inserts)
+        if added:
+            cur.executemany(self._sql(
+                "INSERT INTO accumulators AS a (member_id, year, layer_id, paid_fen, "
+                "base_fen) VALUES (?, ?, ?, ?, ?) ON CONFLICT (member_id, year, layer_id) "
+                "DO UPDATE SET paid_fen = a.paid_fen + excluded.paid_fen, "
+                "base_fen = a.base_fen + excluded.base_fen"),
+                [(*k, v[0], v[1]) for k, v in added.items()])
+        if moves:
+            cur.executemany(self._sql(
+                "INSERT INTO account_movements (member_id, seq, kind, amount_fen, "
+                "settlement_id, balance_after_fen, created_at) VALUES (?, ?, ?, ?, ?, ?, ?)"),
+                moves)
+            last = {m[0]: (m[5], m[1]) for m in moves}
+            cur.executemany(self._sql(
+                "UPDATE members SET account_balance_fen = ?, account_seq = ? "
+                "WHERE member_id = ?"), [(b, q, mid) for mid, (b, q) in last.items()])
+
+    def _members_in(self, cur, member_ids) -> dict[str, Row]:
+        """The rows of the registered ones of ``member_ids``, locked as ``_lock_member``
+        locks one (in id order: two writers never wait on each other crosswise)."""
+        rows = {}
+        for chunk in _chunks(sorted(member_ids)):
+            for r in self._x(cur, f"SELECT {MEMBER_COLS} FROM members WHERE member_id IN "
+                                  f"({', '.join('?' * len(chunk))}) ORDER BY member_id"
+                             + self.FOR_UPDATE, tuple(chunk)).fetchall():
+                rows[r[0]] = r
+        return rows
+
+    def settle_run(self, cur, items: list[BatchItem],
+                   evaluates: list[Callable[[MemberState], Outcome]]) -> list:
+        """``settle`` of each item in turn (``evaluates[i]`` its callback), inside the
+        caller's write transaction, with a few statements for all of them: each item sees
+        the writes of those before it, and gets what ``settle`` would return or raise,
+        a ``SettleResult`` or the exception (then nothing of it is written). The SQLite
+        ledger's committer settles the concurrent ``Settle`` calls of a group this way."""
+        n = len(items)
+        rows = self._members_in(cur, {it.member_id for it in items})
+        used = self._settlements_by_keys(cur, {(it.facility_id, it.request_id)
+                                               for it in items if it.member_id in rows})
+        facilities = self._facilities_in(cur, {it.facility_id for it in items})
+        accs = self._accumulators_in(cur, {(it.member_id, it.year) for it in items
+                                           if it.member_id in rows})
+        results: list = [None] * n
+        outcomes: list = [None] * n
+        new = [False] * n
+        members: dict[str, MemberRecord] = {}   # as the items before left them
+        balance: dict[str, tuple[int, int]] = {}   # balance and movement seq, before the run
+        settled: dict[tuple[str, str], int] = {}   # key -> the item of this run that used it
+        for i, it in enumerate(items):
+            mid, key = it.member_id, (it.facility_id, it.request_id)
+            row = rows.get(mid)
+            if row is None:                      # settle's order of checks, step by step
+                results[i] = _no_member(mid)
+                continue
+            if key in settled:
+                results[i] = ("repeat", settled[key])
+                continue
+            if key in used:
+                results[i] = replay_or_conflict(used[key], it.request_hash)
+                continue
+            m = members.get(mid)
+            if m is None:
+                m = members[mid] = self._member(row)
+                balance[mid] = (m.account_balance_fen, int(row[13]))
+            if it.referral_from:
+                try:
+                    self._check_referral(cur, mid, it.referral_from)
+                except ReferralReversed as e:
+                    results[i] = e
+                    continue
+            f = facilities.get(it.facility_id)
+            if f is None:
+                results[i] = _no_facility(it.facility_id)
+                continue
+            acc = accs[(mid, it.year)]
+            try:            # the evaluation is pure: anything it raises is this item's refusal
+                out = evaluates[i](MemberState(m, acc, m.account_balance_fen, f))
+                deltas = check_outcome(out, m.account_balance_fen)
+            except Exception as e:
+                results[i] = e
+                continue
+            outcomes[i], new[i], settled[key] = out, True, i
+            accs[(mid, it.year)] = _plus(acc, deltas)
+            if out.account_paid_fen:
+                members[mid] = replace(m, account_balance_fen=m.account_balance_fen
+                                       - out.account_paid_fen)
+        n_new = sum(new)
+        now = self._now()
+        inserts, added, moves = journal_rows(
+            outcomes, new, items, balance, new_settlement_ids(n_new),
+            self.enc_times(now, n_new), now, _ONE_US, self.enc_deltas, results,
+            SettlementRecord, SettleResult)
+        self._write_journal(cur, inserts, added, moves)
+        return resolve_repeats(items, results)
+
+    def _settlements_by_keys(self, cur, keys) -> dict[tuple[str, str], SettlementRecord]:
+        """The journal's settlements under the (facility id, request id) ``keys``."""
+        out = {}
+        for chunk in _chunks(sorted(keys), 64):   # an OR of index lookups per key
+            for r in self._x(cur, f"SELECT {SETTLEMENT_COLS} FROM settlements WHERE "
+                                  + " OR ".join(["(facility_id = ? AND request_id = ?)"]
+                                                * len(chunk)),
+                             tuple(v for k in chunk for v in k)).fetchall():
+                out[(r[1], r[2])] = self._settlement(r)
+        return out
+
+    def _facilities_in(self, cur, facility_ids) -> dict[str, FacilityRecord]:
+        out = {}
+        for chunk in _chunks(sorted(facility_ids)):
+            for r in self._x(cur, f"SELECT {FACILITY_COLS} FROM facilities WHERE facility_id "
+                                  f"IN ({', '.join('?' * len(chunk))})", tuple(chunk)).fetchall():
+                out[r[0]] = _facility_record(r)
+        return out
+
+    def _accumulators_in(self, cur, keys) -> dict[tuple[str, int], Accumulators]:
+        """``_accumulators`` of each (member id, year) of ``keys``."""
+        paid: dict[tuple[str, int], dict] = {k: {} for k in keys}
+        base: dict[tuple[str, int], dict] = {k: {} for k in keys}
+        for chunk in _chunks(sorted({mid for mid, _ in keys})):
+            for r in self._x(cur, "SELECT member_id, year, layer_id, paid_fen, base_fen "
+                                  f"FROM accumulators WHERE member_id IN "
+                                  f"({', '.join('?' * len(chunk))}) "
+                                  "ORDER BY member_id, year, layer_id", tuple(chunk)).fetchall():
+                k = (r[0], int(r[1]))
+                if k in paid:
+                    paid[k][r[2]] = int(r[3])
+                    base[k][r[2]] = int(r[4])
+        return {k: Accumulators(k[1], paid[k], base[k]) for k in keys}
 
     def _any_used(self, cur, keys: list[tuple[str, str]]) -> bool:
         """Whether any of the (facility id, request id) keys is in the journal."""
@@ -554,6 +665,30 @@ class SqlLedger(BulkReads):
 
     def close(self) -> None:
         raise NotImplementedError
+
+
+def _no_member(member_id: str) -> NotFound:
+    return NotFound(f"member {member_id!r} is not registered")
+
+
+def _no_facility(facility_id: str) -> NotFound:
+    return NotFound(f"facility {facility_id!r} is not registered")
+
+
+def _facility_record(r: Row) -> FacilityRecord:
+    return FacilityRecord(facility_id=r[0], level=r[1], designated=bool(r[2]), district=r[3],
+                          name=r[4])
+
+
+def _plus(acc: Accumulators, deltas: Mapping[str, tuple[int, int]]) -> Accumulators:
+    """``acc`` after a settlement's (checked) deltas, as ``_accumulators`` reads it back."""
+    if not deltas:
+        return acc
+    paid, base = dict(acc.paid), dict(acc.base)
+    for layer, (p, b) in deltas.items():
+        paid[layer] = paid.get(layer, 0) + p
+        base[layer] = base.get(layer, 0) + b
+    return Accumulators(acc.year, dict(sorted(paid.items())), dict(sorted(base.items())))
 
 
 def new_settlement_id() -> str:
