@@ -113,10 +113,23 @@ def instrument(timings: Timings) -> None:
     SqliteLedger._run_group = _run_group
 
 
+def _populate(ledger: SqliteLedger, members: int):
+    """The synthetic population of ``members`` members (``benchmarks.workload``), registered."""
+    from benchmarks import workload
+    from server import convert
+
+    pop = workload.population(members, seed=5, prefix="P")
+    for f in pop.facilities:
+        ledger.upsert_facility(convert.facility_from_wire(f))
+    for m in pop.members:
+        ledger.upsert_member(convert.member_from_wire(m))
+    return pop
+
+
 def in_process(members: int, batches: int) -> str:
-    from benchmarks import batchload, workload
+    from benchmarks import batchload
     from engine.loader import store
-    from server import _wire, batch, convert
+    from server import _wire, batch
     from server.service import Core
 
     class Context:
@@ -128,11 +141,7 @@ def in_process(members: int, batches: int) -> str:
     with tempfile.TemporaryDirectory() as d:
         ledger = SqliteLedger(Path(d) / "ledger.db")
         try:
-            pop = workload.population(members, seed=5, prefix="P")
-            for f in pop.facilities:
-                ledger.upsert_facility(convert.facility_from_wire(f))
-            for m in pop.members:
-                ledger.upsert_member(convert.member_from_wire(m))
+            pop = _populate(ledger, members)
             service = batch.BatchService(Core(ledger, store()))
             inner = [batchload.batch_columns(pop, 1000, 100, 7 + v).SerializeToString()
                      for v in range(8)]
@@ -158,7 +167,7 @@ def settle_groups(members: int, groups: int, size: int = 16) -> str:
     without other threads."""
     from benchmarks import workload
     from engine.loader import store
-    from server import _single, convert, fastpath
+    from server import _single, fastpath
     from server.ledger.base import BatchItem
     from server.ledger.sqlite import _Unit
     from server.service import Core
@@ -166,11 +175,7 @@ def settle_groups(members: int, groups: int, size: int = 16) -> str:
     with tempfile.TemporaryDirectory() as d:
         ledger = SqliteLedger(Path(d) / "ledger.db")
         try:
-            pop = workload.population(members, seed=5, prefix="P")
-            for f in pop.facilities:
-                ledger.upsert_facility(convert.facility_from_wire(f))
-            for m in pop.members:
-                ledger.upsert_member(convert.member_from_wire(m))
+            pop = _populate(ledger, members)
             core = Core(ledger, store())
             reqs = []
             for i, claim in enumerate(workload.claims(pop, (groups + 3) * size, seed=6)):
