@@ -175,6 +175,68 @@ cdef inline Py_ssize_t put_request_tail(unsigned char* p, int64_t kind, int64_t 
     return k
 
 
+# --- a Settlement's fields, as upb writes them (server._wire: batches; server._single) ------
+
+cdef inline Py_ssize_t put_breakdown(unsigned char* p, int64_t total, int64_t fsp, int64_t olim,
+                                     int64_t psp, int64_t in_scope,
+                                     int64_t deductible) noexcept nogil:
+    """The breakdown (field 8), present even when every amount is 0."""
+    cdef unsigned char body[80]
+    cdef Py_ssize_t b = put_field_varint(body, 1, total)
+    b += put_field_varint(body + b, 2, fsp)
+    b += put_field_varint(body + b, 3, olim)
+    b += put_field_varint(body + b, 4, psp)
+    b += put_field_varint(body + b, 5, in_scope)
+    b += put_field_varint(body + b, 6, deductible)
+    return put_sub(p, 8, body, b)
+
+
+cdef inline int fund_order(const int64_t* layer_out, int64_t applied, int nl,
+                           const int* code_of, int n_codes, int* first,
+                           int64_t* amount) noexcept nogil:
+    """The funds (field 9) of a settlement: one per fund code, in the order the paying layers
+    first name it. ``layer_out[2 * i]`` is layer i's amount, ``code_of[i]`` its fund code's
+    index (< ``n_codes``). Fills ``first[j]`` (the fund's first paying layer) and
+    ``amount[j]`` (its total); returns how many funds. ``first`` and ``amount`` hold ``nl``."""
+    cdef int i, j, nf = 0
+    cdef int slot[64]          # code index -> fund, or -1 (a policy has at most 64 layers)
+    cdef int64_t a
+    for j in range(n_codes):
+        slot[j] = -1
+    for i in range(nl):
+        a = layer_out[2 * i]
+        if (applied >> i) & 1 and a:
+            j = code_of[i]
+            if slot[j] < 0:
+                slot[j] = nf
+                first[nf] = i
+                amount[nf] = 0
+                nf += 1
+            amount[slot[j]] += a
+    return nf
+
+
+cdef inline Py_ssize_t put_totals(unsigned char* p, int64_t fund_total, int64_t patient_total,
+                                  int64_t account_paid, int64_t cash,
+                                  int64_t balance_after) noexcept nogil:
+    """Fields 11-15."""
+    cdef Py_ssize_t k = put_field_varint(p, 11, fund_total)
+    k += put_field_varint(p + k, 12, patient_total)
+    k += put_field_varint(p + k, 13, account_paid)
+    k += put_field_varint(p + k, 14, cash)
+    return k + put_field_varint(p + k, 15, balance_after)
+
+
+cdef inline Py_ssize_t put_settlement_tail(unsigned char* p, const unsigned char* version,
+                                           Py_ssize_t n_version, int64_t chain_after,
+                                           int64_t identity, bint childbirth) noexcept nogil:
+    """Fields 17-21: policy version, chain deductible after, identity, childbirth."""
+    cdef Py_ssize_t k = put_bytes(p, 17, version, n_version)
+    k += put_field_varint(p + k, 19, chain_after)
+    k += put_field_varint(p + k, 20, identity)
+    return k + put_field_varint(p + k, 21, 1 if childbirth else 0)
+
+
 # --- ids --------------------------------------------------------------------------------------
 
 cdef inline bint id_ok(str v, Py_ssize_t max_len):

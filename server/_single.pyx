@@ -29,8 +29,9 @@ from engine._kernel cimport (
     O_BALANCE_AFTER, O_CHAIN_AFTER, O_APPLIED, O_LAYERS,
 )
 from server._pb cimport (
-    id_ok, ordinal, put_bytes, put_date, put_field_varint, put_key, put_request_tail, put_sub,
-    put_varint, read_varint, ymd_ordinal,
+    fund_order, id_ok, ordinal, put_breakdown, put_bytes, put_date, put_field_varint, put_key,
+    put_request_tail, put_settlement_tail, put_sub, put_totals, put_varint, read_varint,
+    ymd_ordinal,
 )
 from hashlib import sha256 as _sha256
 
@@ -403,17 +404,15 @@ def settle(WirePlan plan not None, WireView view not None, tuple req, int64_t fa
     cdef const char* rid = PyUnicode_AsUTF8AndSize(rid_s, &n_rid)
     cdef const char* mid = PyUnicode_AsUTF8AndSize(mid_s, &n_mid)
     cdef const char* fid = PyUnicode_AsUTF8AndSize(fid_s, &n_fid)
-    cdef int64_t applied, amount, cap
+    cdef int64_t applied, cap
     cdef int first[MAX_LAYERS]
-    cdef int order[MAX_LAYERS]
     cdef int64_t fund_amount[MAX_LAYERS]
-    cdef int nf = 0, status
+    cdef int nf, status
     cdef unsigned char small[STACK_BYTES]
     cdef unsigned char* buf = small
     cdef unsigned char* acc
     cdef unsigned char* msg
     cdef unsigned char sub[32]
-    cdef unsigned char body[80]
     cdef bytes head
     if not (kind == 1 or kind == 2):
         raise ValueError(f"unknown claim kind {kind}")
@@ -466,29 +465,13 @@ def settle(WirePlan plan not None, WireView view not None, tuple req, int64_t fa
         k += put_date(msg + k, 6, ymd)
         if pre:
             k += put_field_varint(msg + k, 7, PRE_SETTLED)
-        b = put_field_varint(body, 1, req[5])
-        b += put_field_varint(body + b, 2, req[6])
-        b += put_field_varint(body + b, 3, req[7])
-        b += put_field_varint(body + b, 4, req[8])
-        b += put_field_varint(body + b, 5, o[O_IN_SCOPE])
-        b += put_field_varint(body + b, 6, o[O_DEDUCTIBLE])
-        k += put_sub(msg + k, 8, body, b)
-        # funds (9): per fund code, in the order the paying layers first name it
+        k += put_breakdown(msg + k, req[5], req[6], req[7], req[8], o[O_IN_SCOPE],
+                           o[O_DEDUCTIBLE])
         applied = o[O_APPLIED]
-        for j in range(plan.n_codes):
-            first[j] = -1
-        for i in range(nl):
-            amount = o[O_LAYERS + 2 * i]
-            if (applied >> i) & 1 and amount:
-                j = plan.code_of[i]
-                if first[j] < 0:
-                    first[j] = nf
-                    order[nf] = i
-                    fund_amount[nf] = 0
-                    nf += 1
-                fund_amount[first[j]] += amount
+        nf = fund_order(&o[O_LAYERS], applied, nl, plan.code_of, plan.n_codes, first,
+                        fund_amount)
         for j in range(nf):
-            head = plan.fund_heads[order[j]]
+            head = plan.fund_heads[first[j]]
             b = put_field_varint(sub, 3, fund_amount[j])
             k += put_headed(msg + k, 9, head, sub, b)
         # layers (10): every applied layer, in the policy's order
@@ -502,16 +485,12 @@ def settle(WirePlan plan not None, WireView view not None, tuple req, int64_t fa
                 b += put_key(sub + b, 5, 0)
                 b += put_varint(sub + b, <uint64_t> cap)
             k += put_headed(msg + k, 10, head, sub, b)
-        k += put_field_varint(msg + k, 11, o[O_FUND_TOTAL])
-        k += put_field_varint(msg + k, 12, o[O_PATIENT_TOTAL])
-        k += put_field_varint(msg + k, 13, o[O_ACCOUNT_PAID])
-        k += put_field_varint(msg + k, 14, o[O_CASH])
-        k += put_field_varint(msg + k, 15, o[O_BALANCE_AFTER])
+        k += put_totals(msg + k, o[O_FUND_TOTAL], o[O_PATIENT_TOTAL], o[O_ACCOUNT_PAID],
+                        o[O_CASH], o[O_BALANCE_AFTER])
         k += put_sub(msg + k, 16, acc, a)
-        k += put_bytes(msg + k, 17, <const unsigned char*> plan.version, len(plan.version))
-        k += put_field_varint(msg + k, 19, o[O_CHAIN_AFTER])
-        k += put_field_varint(msg + k, 20, identity)
-        k += put_field_varint(msg + k, 21, 1 if flags & F_CHILDBIRTH else 0)
+        k += put_settlement_tail(msg + k, <const unsigned char*> plan.version,
+                                 len(plan.version), o[O_CHAIN_AFTER], identity,
+                                 flags & F_CHILDBIRTH)
         if not pre:
             deltas = {}
             for i in range(nl):

@@ -25,8 +25,9 @@ from engine._kernel cimport (
     O_BALANCE_AFTER, O_CHAIN_AFTER, O_APPLIED, O_LAYERS, NO_VALUE,
 )
 from server._pb cimport (
-    id_ok, ordinal, put_bytes, put_date, put_field_varint, put_key, put_request_tail,
-    put_sub, put_varint, read_varint, skip_field, varint_size, ymd_ordinal,
+    fund_order, id_ok, ordinal, put_breakdown, put_bytes, put_date, put_field_varint, put_key,
+    put_request_tail, put_settlement_tail, put_sub, put_totals, put_varint, read_varint,
+    skip_field, varint_size, ymd_ordinal,
 )
 from engine.claims import MAX_FEN as _MAX_FEN
 from engine.kernel import zeros as _zeros
@@ -634,14 +635,12 @@ def stored_settlements(Py_ssize_t n, list cols, const int64_t[::1] out, Py_ssize
     cdef Py_ssize_t i, li, nl, k, b, j, size, cap_size = 0, n_codes, nf
     cdef const int64_t* o
     cdef int64_t applied, amount, cap, added
-    cdef unsigned char body[160]
     cdef unsigned char* sub = NULL
     cdef unsigned char* buf = NULL
     cdef Py_ssize_t sub_size = 64
     cdef int code_of[MAX_PLAN_LAYERS]
-    cdef int order[MAX_PLAN_LAYERS]
+    cdef int first[MAX_PLAN_LAYERS]
     cdef int64_t fund_amount[MAX_PLAN_LAYERS]
-    cdef int fund_enum[MAX_PLAN_LAYERS]
     cdef list got = [None] * n
     cdef bytes rid, mid, fid, version, lid_b, code_b
     ids_m = [x.encode("utf-8") for x in member_ids]
@@ -688,38 +687,20 @@ def stored_settlements(Py_ssize_t n, list cols, const int64_t[::1] out, Py_ssize
             k += put_bytes(buf + k, 4, fid, len(fid))
             k += put_field_varint(buf + k, 5, c_kind[i])
             k += put_date(buf + k, 6, c_date[i])
-            b = put_field_varint(body, 1, c_total[i])
-            b += put_field_varint(body + b, 2, col(c_fsp, i))
-            b += put_field_varint(body + b, 3, col(c_olim, i))
-            b += put_field_varint(body + b, 4, col(c_psp, i))
-            b += put_field_varint(body + b, 5, o[O_IN_SCOPE])
-            b += put_field_varint(body + b, 6, o[O_DEDUCTIBLE])
-            k += put_sub(buf + k, 8, body, b)
-            # funds (9): per fund code, in the order the paying layers first name it
+            k += put_breakdown(buf + k, c_total[i], col(c_fsp, i), col(c_olim, i),
+                               col(c_psp, i), o[O_IN_SCOPE], o[O_DEDUCTIBLE])
             applied = o[O_APPLIED]
-            nf = 0
-            for j in range(n_codes):
-                code_of[j] = -1
             d = {}
             for li in range(nl):
-                if not (applied >> li) & 1:
-                    continue
+                code_of[li] = index[li]
                 amount = o[O_LAYERS + 2 * li]
                 added = o[O_LAYERS + 2 * nl + li]
-                if amount or added:
+                if (applied >> li) & 1 and (amount or added):
                     d[lids[li]] = (amount, added)
-                if amount:
-                    j = index[li]
-                    if code_of[j] < 0:
-                        code_of[j] = nf
-                        order[nf] = j
-                        fund_amount[nf] = 0
-                        fund_enum[nf] = layers[li][1]
-                        nf += 1
-                    fund_amount[code_of[j]] += amount
+            nf = fund_order(&o[O_LAYERS], applied, nl, code_of, n_codes, first, fund_amount)
             for j in range(nf):
-                code_b = fund_codes[order[j]]
-                b = put_field_varint(sub, 1, fund_enum[j])
+                _, fund, code_b = layers[first[j]]
+                b = put_field_varint(sub, 1, fund)
                 b += put_bytes(sub + b, 2, code_b, len(code_b))
                 b += put_field_varint(sub + b, 3, fund_amount[j])
                 k += put_sub(buf + k, 9, sub, b)
@@ -737,15 +718,10 @@ def stored_settlements(Py_ssize_t n, list cols, const int64_t[::1] out, Py_ssize
                     b += put_key(sub + b, 5, 0)
                     b += put_varint(sub + b, <uint64_t> cap)
                 k += put_sub(buf + k, 10, sub, b)
-            k += put_field_varint(buf + k, 11, o[O_FUND_TOTAL])
-            k += put_field_varint(buf + k, 12, o[O_PATIENT_TOTAL])
-            k += put_field_varint(buf + k, 13, o[O_ACCOUNT_PAID])
-            k += put_field_varint(buf + k, 14, o[O_CASH])
-            k += put_field_varint(buf + k, 15, o[O_BALANCE_AFTER])
-            k += put_bytes(buf + k, 17, version, len(version))
-            k += put_field_varint(buf + k, 19, o[O_CHAIN_AFTER])
-            k += put_field_varint(buf + k, 20, m_identity[c_member[i]])
-            k += put_field_varint(buf + k, 21, (col(c_flags, i) >> 3) & 1)
+            k += put_totals(buf + k, o[O_FUND_TOTAL], o[O_PATIENT_TOTAL], o[O_ACCOUNT_PAID],
+                            o[O_CASH], o[O_BALANCE_AFTER])
+            k += put_settlement_tail(buf + k, version, len(version), o[O_CHAIN_AFTER],
+                                     m_identity[c_member[i]], (col(c_flags, i) >> 3) & 1)
             got[i] = tuple.__new__(outcome, (d, o[O_ACCOUNT_PAID], o[O_CHAIN_AFTER],
                                              version_s, (<char*> buf)[:k], o[O_FUND_TOTAL]))
     finally:
