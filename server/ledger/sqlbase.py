@@ -358,7 +358,6 @@ class SqlLedger(BulkReads):
             results: list = [None] * len(items)
             first: dict[tuple[str, str], int] = {}
             new = [False] * len(items)
-            by_facility: dict[str, list[str]] = {}
             for i, it in enumerate(items):
                 if it is None:
                     continue
@@ -367,15 +366,8 @@ class SqlLedger(BulkReads):
                     results[i] = ("dup", first[key])
                     continue
                 first[key] = i
-                by_facility.setdefault(it.facility_id, []).append(it.request_id)
-            used = {}                            # keys already in the journal: few, usually
-            for fid, rids in (by_facility.items() if look_up else ()):
-                for chunk in _chunks(rids):
-                    for r in self._x(cur, f"SELECT {SETTLEMENT_COLS} FROM settlements "
-                                          f"WHERE facility_id = ? AND request_id IN "
-                                          f"({', '.join('?' * len(chunk))})",
-                                     (fid, *chunk)).fetchall():
-                        used[(r[1], r[2])] = self._settlement(r)
+            # keys already in the journal: few, usually
+            used = self._settlements_by_keys(cur, first) if look_up else {}
             for key, i in first.items():
                 rec = used.get(key)
                 if rec is None:
@@ -547,13 +539,17 @@ class SqlLedger(BulkReads):
 
     def _settlements_by_keys(self, cur, keys) -> dict[tuple[str, str], SettlementRecord]:
         """The journal's settlements under the (facility id, request id) ``keys``."""
+        by_facility: dict[str, list[str]] = {}
+        for fid, rid in keys:
+            by_facility.setdefault(fid, []).append(rid)
         out = {}
-        for chunk in _chunks(sorted(keys), 64):   # an OR of index lookups per key
-            for r in self._x(cur, f"SELECT {SETTLEMENT_COLS} FROM settlements WHERE "
-                                  + " OR ".join(["(facility_id = ? AND request_id = ?)"]
-                                                * len(chunk)),
-                             tuple(v for k in chunk for v in k)).fetchall():
-                out[(r[1], r[2])] = self._settlement(r)
+        for fid, rids in by_facility.items():
+            for chunk in _chunks(rids):
+                for r in self._x(cur, f"SELECT {SETTLEMENT_COLS} FROM settlements "
+                                      f"WHERE facility_id = ? AND request_id IN "
+                                      f"({', '.join('?' * len(chunk))})",
+                                 (fid, *chunk)).fetchall():
+                    out[(r[1], r[2])] = self._settlement(r)
         return out
 
     def _facilities_in(self, cur, facility_ids) -> dict[str, FacilityRecord]:
