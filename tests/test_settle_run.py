@@ -3,6 +3,8 @@ each must get exactly what ``settle`` on its own, one after the other, gives it,
 same ledger behind."""
 from __future__ import annotations
 
+import ast
+
 from hypothesis import HealthCheck, given, settings, strategies as hs
 
 from ledger_fixtures import YEAR, facility, member
@@ -147,7 +149,7 @@ def test_other_units_of_a_group_split_its_settlements_into_runs_that_see_them(tm
         assert [u.error for u in group] == [None] * 4
         assert group[2].result == "topped up"
         # M0 paid 30 of its 50 in the first run; the third run saw the 500 set between them
-        seen_balance = eval(group[3].result.record.result)[2]   # noqa: S307 — our own repr
+        seen_balance = ast.literal_eval(group[3].result.record.result.decode())[2]
         assert seen_balance == 500
         assert ledger.get_member("M0").account_balance_fen == 470
     finally:
