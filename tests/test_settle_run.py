@@ -1,14 +1,20 @@
 """The SQLite committer settles a group's settlements together (``SqlLedger.settle_run``):
-each must get exactly what ``settle`` on its own, one after the other, gives it, and leave the
-same ledger behind."""
+each must get exactly what ``settle`` (a run of one, in a transaction of its own) gives it,
+one after the other, and leave the same ledger behind. ``settle``'s order of checks, on every
+backend, is the last test's."""
 from __future__ import annotations
 
 import ast
 
 from hypothesis import HealthCheck, given, settings, strategies as hs
 
-from ledger_fixtures import YEAR, facility, member
-from server.ledger.base import BatchItem, MemberState, Outcome, SettleResult
+import pytest
+
+from ledger_fixtures import *  # noqa: F401,F403  (fixtures: backend, pg_database)
+from ledger_fixtures import YEAR, facility, member, paying
+from server.ledger.base import (
+    BatchItem, Conflict, MemberState, NotFound, Outcome, ReferralReversed, SettleResult,
+)
 from server.ledger.sqlbase import SqlLedger
 from server.ledger.sqlite import SqliteLedger, _Unit
 from server.ledger.verify import verify
@@ -177,3 +183,33 @@ def test_a_run_that_fails_unexpectedly_fails_its_settlements_alone(tmp_path):
         assert verify(ledger) == []
     finally:
         ledger.close()
+
+
+def test_settle_checks_member_then_key_then_referral_then_facility(backend):
+    ledger = backend.open()
+    ledger.upsert_facility(facility("F0"))
+    ledger.upsert_member(member("M0", balance=100))
+    ledger.upsert_member(member("M1", balance=100))
+
+    def refusing(state):
+        raise ValueError("evaluation refused")
+
+    def settle(mid, fid, rid, h, evaluate=paying(50, 1000), referral=""):
+        return ledger.settle(facility_id=fid, request_id=rid, request_hash=h, member_id=mid,
+                             year=YEAR, evaluate=evaluate, referral_from=referral)
+
+    first = settle("M0", "F0", "r1", "h1", evaluate=paying(50, 1000, account=30)).record
+    with pytest.raises(NotFound, match="member 'MX'"):        # before the facility
+        settle("MX", "FX", "r2", "h2")
+    with pytest.raises(Conflict):                             # the key, before evaluating
+        settle("M1", "F0", "r1", "other", evaluate=refusing)
+    again = settle("M0", "F0", "r1", "h1", evaluate=refusing)   # a replay: not evaluated
+    assert (again.created, again.record.settlement_id) == (False, first.settlement_id)
+    ledger.reverse(settlement_id=first.settlement_id, facility_id="F0")
+    with pytest.raises(ReferralReversed):                     # the referral, then the facility
+        settle("M0", "FX", "r3", "h3", referral=first.settlement_id)
+    with pytest.raises(NotFound, match="facility 'FX'"):
+        settle("M0", "FX", "r4", "h4")
+    with pytest.raises(ValueError, match="evaluation refused"):
+        settle("M0", "F0", "r5", "h5", evaluate=refusing)
+    assert ledger.get_member("M0").account_balance_fen == 100

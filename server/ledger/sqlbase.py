@@ -306,42 +306,15 @@ class SqlLedger(BulkReads):
             if found is not None:
                 return found
 
+        item = BatchItem(facility_id, request_id, request_hash, member_id, year, referral_from)
+
         def body(cur) -> SettleResult:
-            row = self._lock_member(cur, member_id)
-            # Under the lock: a concurrent first use of this key for this member has committed
-            # by now; one for another member loses (or wins) on the UNIQUE key at the insert.
-            found = self._by_request(cur, facility_id, request_id, request_hash)
-            if found is not None:
-                return found
-            member, seq = self._member(row), int(row[13])
-            if referral_from:
-                self._check_referral(cur, member_id, referral_from)
-            facility = self._facility(cur, facility_id)
-            balance = member.account_balance_fen
-            state = MemberState(member, self._accumulators(cur, member_id, year), balance,
-                                facility)
-            out = evaluate(state)
-            deltas = check_outcome(out, balance)
-            now = self._now()
-            rec = SettlementRecord(
-                settlement_id=new_settlement_id(), facility_id=facility_id,
-                request_id=request_id,
-                request_hash=request_hash, member_id=member_id, year=year, status="SETTLED",
-                deltas=deltas, account_paid_fen=out.account_paid_fen,
-                chain_deductible_after_fen=out.chain_deductible_after_fen,
-                policy_version=out.policy_version, result=bytes(out.result),
-                fund_total_fen=out.fund_total_fen, created_at=now, reversed_at=None)
-            self._x(cur, f"INSERT INTO settlements ({SETTLEMENT_COLS}) "
-                         "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (rec.settlement_id, facility_id, request_id, request_hash, member_id, year,
-                     "SETTLED", self.enc_deltas(deltas),
-                     rec.account_paid_fen, rec.chain_deductible_after_fen, rec.policy_version,
-                     rec.result, rec.fund_total_fen, self.enc_ts(now), None))
-            self._add(cur, member_id, year, deltas, +1)
-            if rec.account_paid_fen:
-                self._move(cur, member_id, seq + 1, "SETTLE", -rec.account_paid_fen,
-                           rec.settlement_id, balance - rec.account_paid_fen, now)
-            return SettleResult(rec, created=True)
+            # steps 1-4: a run of one settlement (the member's row locked first; a concurrent
+            # first use of this key for another member loses, or wins, on the UNIQUE key)
+            got = self.settle_run(cur, [item], [evaluate])[0]
+            if isinstance(got, Exception):
+                raise got
+            return got
         return self._run(body)
 
     def _check_referral(self, cur, member_id: str, settlement_id: str) -> None:
