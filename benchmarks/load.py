@@ -115,16 +115,18 @@ class SpawnedServer:
         return f"127.0.0.1:{self.port}"
 
     def pids(self) -> list[int]:
-        """The server process and its workers."""
-        out = [self.proc.pid]
+        """The server process and its descendants (workers, settlement writers)."""
+        parent: dict[int, int] = {}
         for d in Path("/proc").iterdir():
             if d.name.isdigit():
                 try:
                     fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
                 except OSError:
                     continue
-                if int(fields[1]) == self.proc.pid:
-                    out.append(int(d.name))
+                parent[int(d.name)] = int(fields[1])
+        out = [self.proc.pid]
+        for pid in out:     # grows as it goes: breadth first down the tree
+            out.extend(child for child, ppid in parent.items() if ppid == pid)
         return out
 
     def cpu_seconds(self) -> float:

@@ -18,6 +18,9 @@ class InvalidInput(EngineError, ValueError):
         self.problem = problem
         super().__init__(f"{field}: {problem}")
 
+    def __reduce__(self):   # pickled by its fields (the server's writer process sends it)
+        return type(self), (self.field, self.problem)
+
 
 class NoPolicyInForce(InvalidInput):
     """The service date is before the first effective date of the region's policy."""
@@ -31,3 +34,6 @@ class PolicyFileError(EngineError):
         self.path = path
         self.problem = problem
         super().__init__(f"{file}: {path}: {problem}")
+
+    def __reduce__(self):
+        return type(self), (self.file, self.path, self.problem)

@@ -25,10 +25,11 @@ from reimburse.v1 import settlement_pb2
 from server.auth import (
     Gatekeeper, InsecureRefused, Security, add_server_args, security_from_args,
 )
-from server.ledger.base import Ledger, open_ledger
+from server.ledger.base import Ledger, is_postgres, open_ledger
 from server.service import Core, PolicyServicer, RegistryServicer, SettlementServicer
 from server.batch import batch_handlers
 from server.logs import setup_logging
+from server.writer import SettlementWriter, start_writer
 from server.wire import add_echo_service, add_settlement_service
 
 log = logging.getLogger("reimburse.server")
@@ -46,13 +47,15 @@ def create_server(address: str, ledger: Ledger, policies: PolicyStore, *, worker
                   impl: str | None = None, health_servicer: health.HealthServicer | None = None,
                   max_message_bytes: int = MAX_MESSAGE_BYTES,
                   security: Security | None = None, bench_echo: bool = False,
-                  reuse_port: bool = False) -> tuple[grpc.Server, int]:
+                  reuse_port: bool = False,
+                  writer: SettlementWriter | None = None) -> tuple[grpc.Server, int]:
     """A server (not started) with our services, health and reflection, bound to ``address``.
 
     ``security`` (``server.auth.Security``): TLS credentials and the authentication of callers;
     None is plaintext without authentication (tests; ``python -m server`` only with --insecure).
     ``bench_echo`` adds the load harness's bare echo RPC (``server.wire``); ``reuse_port`` lets
-    several worker processes share the port (``python -m server --processes N``).
+    several worker processes share the port (``python -m server --processes N``); ``writer``
+    commits Settle calls in the settlement writer process (``server.writer``).
     """
     security = security or Security()
     server = grpc.server(
@@ -62,7 +65,7 @@ def create_server(address: str, ledger: Ledger, policies: PolicyStore, *, worker
                  ("grpc.max_send_message_length", max_message_bytes),
                  # one process owns its port unless multi-process serving asks otherwise
                  ("grpc.so_reuseport", 1 if reuse_port else 0)])
-    core = Core(ledger, policies, impl)
+    core = Core(ledger, policies, impl, writer)
     settlement = SettlementServicer(core)
     add_settlement_service(settlement, server, batch_handlers(settlement))
     if bench_echo:
@@ -128,6 +131,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     default=_env("BENCH_ECHO", "") not in ("", "0"),
                     help="also serve the load harness's bare echo RPC "
                          "($REIMBURSE_BENCH_ECHO=1; benchmarks only)")
+    ap.add_argument("--writer-process", default=_env("WRITER_PROCESS", "on"),
+                    choices=("on", "off"),
+                    help="SQLite: commit Settle calls in a process of their own (server.writer)"
+                         " ($REIMBURSE_WRITER_PROCESS; default %(default)s)")
     ap.add_argument("--gil-switch-us", type=int, default=int(_env("GIL_SWITCH_US", "100")),
                     help="interpreter switch interval in microseconds ($REIMBURSE_GIL_SWITCH_US;"
                          " default %(default)s; Python's own default is 5000)")
@@ -155,19 +162,31 @@ def serve(argv: list[str] | None = None) -> int:
     for weakness in security.weaknesses():  # only with --insecure: say so, loudly
         log.warning({"event": "INSECURE", "warning": f"INSECURE MODE: {weakness}",
                      "listen": args.listen})
+    impl = None if args.engine == "auto" else args.engine
+    writer = None
     try:
         policies = store(args.policies) if args.policies != str(BUNDLED) else store()
+        if args.writer_process == "on" and args.database != "memory://" \
+                and not is_postgres(args.database):
+            # the schema created or migrated once, before the writer and the server open it
+            open_database(args.database).close()
+            writer = start_writer(args.database, policies, impl, channels=args.workers,
+                                  log_level=args.log_level)
         ledger = open_database(args.database)
     except Exception as e:  # a bad policy folder or database: say which, exit 2
+        if writer is not None:
+            writer.close()
         log.error({"event": "cannot start", "error": f"{type(e).__name__}: {e}"})
         return 2
     hs = health.HealthServicer()
     try:
         server, port = create_server(args.listen, ledger, policies, workers=args.workers,
-                                     impl=None if args.engine == "auto" else args.engine,
-                                     health_servicer=hs, security=security,
-                                     bench_echo=args.bench_echo, reuse_port=args.reuse_port)
+                                     impl=impl, health_servicer=hs, security=security,
+                                     bench_echo=args.bench_echo, reuse_port=args.reuse_port,
+                                     writer=writer)
     except (OSError, RuntimeError) as e:  # grpc reports a port it cannot bind as RuntimeError
+        if writer is not None:
+            writer.close()
         ledger.close()
         log.error({"event": "cannot listen", "address": args.listen, "error": str(e)})
         return 2
@@ -194,6 +213,8 @@ def serve(argv: list[str] | None = None) -> int:
     log.info({"event": "stopping", "grace_s": args.grace})
     hs.enter_graceful_shutdown()
     server.stop(args.grace).wait()
+    if writer is not None:
+        writer.close()
     ledger.close()
     log.info({"event": "stopped"})
     return 0

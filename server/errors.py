@@ -23,6 +23,9 @@ class NotCovered(Exception):
         self.kind, self.subject, self.reason = kind, subject, reason
         super().__init__(reason)
 
+    def __reduce__(self):   # pickled by its fields (the writer process sends it)
+        return type(self), (self.kind, self.subject, self.reason)
+
 
 class DeadlinePassed(Exception):
     """The caller's deadline passed before the work started: nothing was done."""

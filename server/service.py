@@ -15,6 +15,7 @@ import logging
 import threading
 import time
 from datetime import date
+from typing import Callable, NamedTuple
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -27,7 +28,9 @@ from reimburse.v1 import settlement_pb2 as st
 from reimburse.v1 import types_pb2 as ty
 from server import _single, auth, convert, fastpath, logs, wire
 from server.errors import DeadlinePassed, NotCovered, to_status
-from server.ledger.base import Ledger, MemberRecord, MemberState, Outcome, ReferralReversed
+from server.ledger.base import (
+    BatchItem, Ledger, MemberRecord, MemberState, Outcome, ReferralReversed, SettleResult,
+)
 from server.views import accumulators_view, policy_view
 
 log = logging.getLogger("reimburse.rpc")
@@ -129,11 +132,42 @@ def check_covered(m: MemberRecord, day: date) -> None:
                          f"member {m.member_id!r} is not covered on {day}: {why}")
 
 
+class SettleJob(NamedTuple):
+    """A Settle as data: its idempotency key and member-year, and what its evaluation needs.
+    Plain values, so that the settlement writer process (``server.writer``) can be sent one
+    and evaluate it with its own ``Core``."""
+
+    item: BatchItem
+    req: tuple | None = None      # server._single.parse_settle's tuple: the C path ...
+    data: bytes = b""             # ... and the request's bytes, for the general one
+    call: convert.SettleCall | None = None   # else the validated request
+    chain_fen: int = 0            # and its referral chain's deductible (Core.referral_chain)
+
+    def evaluation(self, core: Core) -> Callable[[MemberState], Outcome]:
+        """The ledger's callback: the settlement over the member's state as committed."""
+        req, data, call, chain = self.req, self.data, self.call, self.chain_fen
+        if req is None:
+            return lambda state: core.evaluate(
+                call, convert.rule_level(state.facility), chain, state)[0]
+
+        def evaluate(state: MemberState) -> Outcome:
+            out = fastpath.settle_wire(core, req, state)
+            if out is None:   # the general evaluation, which says why it refuses
+                call = convert.validate_settle(st.SettleRequest.FromString(data),
+                                               require_request_id=True)
+                out = core.evaluate(call, convert.rule_level(state.facility), 0, state)[0]
+            return out
+        return evaluate
+
+
 class Core:
     """What the servicers share: the ledger, the policies and the evaluator choice."""
 
-    def __init__(self, ledger: Ledger, policies: PolicyStore, impl: str | None = None):
+    def __init__(self, ledger: Ledger, policies: PolicyStore, impl: str | None = None,
+                 writer=None):
         self.ledger, self.policies, self.impl = ledger, policies, impl
+        # server.writer.SettlementWriter: Settle's transactions in a process of their own
+        self.writer = writer
         # the kernel's wire path (server.fastpath) unless the reference is asked for
         self.fast = resolve_impl(impl) == "kernel"
         # One call at a time runs its Python inside the gate. The GIL lets only one run
@@ -164,6 +198,19 @@ class Core:
                        chain_deductible_after_fen=s.chain_deductible_after_fen,
                        policy_version=s.policy_version, result=msg.SerializeToString(),
                        fund_total_fen=s.fund_total_fen), msg
+
+    def settle(self, job: SettleJob) -> SettleResult:
+        """Commit ``job``'s settlement: through the settlement writer process where there is
+        one and it takes the call, else through this process's ledger."""
+        if self.writer is not None:
+            got = self.writer.settle(job)
+            if got is not None:
+                return got
+        it = job.item
+        return self.ledger.settle(
+            facility_id=it.facility_id, request_id=it.request_id, request_hash=it.request_hash,
+            member_id=it.member_id, year=it.year, referral_from=it.referral_from,
+            evaluate=job.evaluation(self))
 
     def referral_chain(self, call: convert.SettleCall) -> int:
         """Deductible already paid along the chain of the admission this one was referred from."""
@@ -234,18 +281,8 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         with self.core.gate:
             request_hash = _single.request_digest(req)
         _check_deadline(context)
-
-        def evaluate(state: MemberState) -> Outcome:
-            out = fastpath.settle_wire(self.core, req, state)
-            if out is None:   # the general evaluation, which says why it refuses
-                call = convert.validate_settle(st.SettleRequest.FromString(data),
-                                               require_request_id=True)
-                out = self.core.evaluate(call, convert.rule_level(state.facility), 0, state)[0]
-            return out
-
-        res = self.core.ledger.settle(
-            facility_id=facility_id, request_id=request_id, request_hash=request_hash,
-            member_id=member_id, year=day.year, referral_from="", evaluate=evaluate)
+        res = self.core.settle(SettleJob(
+            BatchItem(facility_id, request_id, request_hash, member_id, day.year), req, data))
         rec = res.record
         return wire.settlement_response(rec.result, rec.settlement_id, rec.status,
                                         not res.created)
@@ -276,12 +313,9 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
         _check_deadline(context)  # a caller that gave up must not find a settlement later
         # The facility comes with the member's state, from the ledger's transaction: no read
         # of it (and of the read cache's validity) before.
-        res = self.core.ledger.settle(
-            facility_id=call.facility_id, request_id=call.request_id,
-            request_hash=request_hash, member_id=call.member_id,
-            year=call.service_date.year, referral_from=call.referral_from,
-            evaluate=lambda state: self.core.evaluate(
-                call, convert.rule_level(state.facility), chain, state)[0])
+        res = self.core.settle(SettleJob(
+            BatchItem(call.facility_id, call.request_id, request_hash, call.member_id,
+                      call.service_date.year, call.referral_from), call=call, chain_fen=chain))
         rec = res.record   # the stored reply as is, its id and status appended (server.wire)
         return wire.settlement_response(rec.result, rec.settlement_id, rec.status,
                                         not res.created)

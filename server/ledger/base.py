@@ -40,6 +40,9 @@ class ReferralReversed(LedgerError):
         self.settlement_id = settlement_id
         super().__init__(f"the referring settlement {settlement_id!r} was reversed")
 
+    def __reduce__(self):   # pickled by its field (server.writer sends it)
+        return type(self), (self.settlement_id,)
+
 
 class LedgerUnavailable(LedgerError):
     """The database could not commit (I/O error, full disk, lock not obtained): nothing of the
@@ -248,9 +251,13 @@ class Ledger(Protocol):
     def close(self) -> None: ...
 
 
+def is_postgres(url: str) -> bool:
+    return url.startswith(("postgresql://", "postgres://"))
+
+
 def open_ledger(url: str) -> Ledger:
     """A ledger from a database URL or path: ``postgresql://…`` or an SQLite file path."""
-    if url.startswith(("postgresql://", "postgres://")):
+    if is_postgres(url):
         from server.ledger.postgres import PostgresLedger
         return PostgresLedger(url)
     from server.ledger.sqlite import SqliteLedger

@@ -18,7 +18,9 @@ disk, an I/O error, a lock not obtained) rolls the whole group back and every ca
 group gets ``LedgerUnavailable``:
 none of the group is half-applied, and resending is safe (settlements are keyed by request id).
 Units of one group run one after another on one connection, each seeing the writes of those
-before it, so the state a ``settle`` reads is still the state it commits over.
+before it, so the state a ``settle`` reads is still the state it commits over. ``settle_many``
+queues several settlements at once, for one group: the settlement writer process
+(``server.writer``), where the server's ``Settle`` calls commit, hands on its callers' claims so.
 
 Reads run in parallel on pooled connections (WAL snapshots). Registry records and accumulators
 read outside a transaction are cached, and the cache is dropped whenever anything committed, in
@@ -182,6 +184,22 @@ class SqliteLedger(SqlLedger):
         # (SqlLedger.settle_run): a few statements for all of them instead of a dozen each.
         return self._submit(None, BatchItem(facility_id, request_id, request_hash, member_id,
                                             year, referral_from), evaluate)
+
+    def settle_many(self, items: list[BatchItem],
+                    evaluates: list[Callable[[MemberState], Outcome]]) -> list:
+        """``settle`` of each item (``evaluates[i]`` its callback), queued together so that
+        they commit in one group, in this order, each seeing the writes of those before it:
+        per item its ``SettleResult`` or the exception ``settle`` would raise. The settlement
+        writer process (``server.writer``) hands on its callers' claims this way."""
+        units = [_Unit(None, it, ev) for it, ev in zip(items, evaluates, strict=True)]
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("the ledger is closed")
+            self._queue.extend(units)
+            self._cv.notify()
+        for unit in units:
+            unit.done.wait()
+        return [unit.result if unit.error is None else unit.error for unit in units]
 
     def _submit(self, fn: Callable[[Any], Any] | None, item: BatchItem | None = None,
                 evaluate: Callable[[MemberState], Outcome] | None = None) -> Any:
