@@ -96,6 +96,12 @@ def open_database(url: str) -> Ledger:
 
 
 
+def wants_writer(args: argparse.Namespace) -> bool:
+    """A settlement writer process (``server.writer``): asked for, and the database SQLite."""
+    return (args.writer_process == "on" and args.database != "memory://"
+            and not is_postgres(args.database))
+
+
 def _env(name: str, default: str) -> str:
     return os.environ.get(f"REIMBURSE_{name}", default)
 
@@ -142,7 +148,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def serve(argv: list[str] | None = None) -> int:
+def serve(argv: list[str] | None = None, writer: SettlementWriter | None = None) -> int:
+    """``python -m server``. ``writer``: a worker's share of its supervisor's settlement
+    writer process (``server.workers``); without it a server on SQLite starts its own."""
     args = parse_args(argv)
     setup_logging(args.log_level)
     # Hand the GIL on sooner than the default 5 ms: gRPC's poller thread, waiting for it
@@ -163,11 +171,9 @@ def serve(argv: list[str] | None = None) -> int:
         log.warning({"event": "INSECURE", "warning": f"INSECURE MODE: {weakness}",
                      "listen": args.listen})
     impl = None if args.engine == "auto" else args.engine
-    writer = None
     try:
         policies = store(args.policies) if args.policies != str(BUNDLED) else store()
-        if args.writer_process == "on" and args.database != "memory://" \
-                and not is_postgres(args.database):
+        if writer is None and wants_writer(args):
             # the schema created or migrated once, before the writer and the server open it
             open_database(args.database).close()
             writer = start_writer(args.database, policies, impl, channels=args.workers,

@@ -6,7 +6,12 @@ socket bound with ``SO_REUSEPORT`` (so that port 0 becomes one definite port all
 then forks the workers before any gRPC object exists. Each worker is ``server.app.serve`` with
 ``--processes 1 --reuse-port --listen HOST:PORT``: its own gRPC server (``grpc.so_reuseport``),
 its own ledger connections and committer, its own health service, its own log lines. The kernel
-spreads new connections over the workers; a connection stays with one worker.
+spreads new connections over the workers; a connection stays with one worker. On SQLite the
+supervisor first forks one settlement writer process (``server.writer``) with channels for
+every worker's threads: each worker gets its share, so the ``Settle`` calls of all workers
+commit in one process, in groups together, instead of each worker's writer taking turns on
+the database lock. The writer stops when the last worker has closed its channels, and the
+supervisor reaps it.
 
 Signals: SIGTERM or SIGINT to the supervisor is passed on to every worker, which drains as a
 single server does (health NOT_SERVING, in-flight calls get ``--grace``); the supervisor exits 0
@@ -47,7 +52,7 @@ def reserve_port(host: str, port: int) -> socket.socket:
 
 
 def supervise(args: argparse.Namespace, argv: list[str],
-              serve: Callable[[list[str]], int]) -> int:
+              serve: Callable[..., int]) -> int:
     n = args.processes
     if n < 1:
         log.error({"event": "cannot start", "error": f"--processes must be >= 1, got {n}"})
@@ -57,24 +62,36 @@ def supervise(args: argparse.Namespace, argv: list[str],
                    "(SQLite file or PostgreSQL): each process would have its own memory://"})
         return 2
     from engine.loader import BUNDLED, store
-    from server.app import _redact, open_database
+    from server.app import _redact, open_database, wants_writer
+    from server.writer import start_writer
     from server.auth import InsecureRefused, security_from_args
     try:  # refuse once, here, rather than once per forked worker
         security_from_args(args)
     except (InsecureRefused, OSError, ValueError) as e:
         log.error({"event": "cannot start", "error": str(e)})
         return 2
+    writer = None
     try:
-        store(args.policies) if args.policies != str(BUNDLED) else store()
+        policies = store(args.policies) if args.policies != str(BUNDLED) else store()
         open_database(args.database).close()   # creates or migrates the schema once
+        if wants_writer(args):   # one settlement writer for all workers, each its share
+            writer = start_writer(args.database, policies,
+                                  None if args.engine == "auto" else args.engine,
+                                  channels=n * args.workers, log_level=args.log_level)
     except Exception as e:
         log.error({"event": "cannot start", "error": f"{type(e).__name__}: {e}"})
         return 2
+    shares = writer.split(n) if writer is not None else [None] * n
     host, _, port_text = args.listen.rpartition(":")
     try:
         holder = reserve_port(host, int(port_text))
     except (OSError, ValueError) as e:
         log.error({"event": "cannot listen", "address": args.listen, "error": str(e)})
+        for share in shares:
+            if share is not None:
+                share.close()
+        if writer is not None:
+            writer.close()
         return 2
     port = holder.getsockname()[1]
     worker_argv = [*argv, "--listen", f"{host}:{port}", "--processes", "1", "--reuse-port"]
@@ -93,7 +110,10 @@ def supervise(args: argparse.Namespace, argv: list[str],
                 holder.close()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
-                code = serve(worker_argv)
+                for j, share in enumerate(shares):   # the other workers' channels
+                    if j != i and share is not None:
+                        share.close()
+                code = serve(worker_argv, writer=shares[i])
             except BaseException:                     # noqa: BLE001 — report, then exit
                 log.exception("worker %d failed", i)
             finally:
@@ -101,6 +121,9 @@ def supervise(args: argparse.Namespace, argv: list[str],
                 logging.shutdown()
                 os._exit(code)
         pids.append(pid)
+    for share in shares:   # the workers hold them now: the writer stops when they all closed
+        if share is not None:
+            share.close()
     setup_logging(args.log_level)
     log.info({"event": "supervising", "processes": n, "pids": pids, "port": port,
               "address": f"{host}:{port}", "database": _redact(args.database)})
@@ -119,6 +142,10 @@ def supervise(args: argparse.Namespace, argv: list[str],
         if pid == 0:
             time.sleep(0.05)
             continue
+        if writer is not None and pid == writer.pid:   # the workers settle without it
+            log.error({"event": "writer process exited", "pid": pid,
+                       "code": os.waitstatus_to_exitcode(status)})
+            continue
         if pid not in pids:
             continue
         codes[pid] = os.waitstatus_to_exitcode(status)
@@ -128,6 +155,8 @@ def supervise(args: argparse.Namespace, argv: list[str],
             log.error({"event": "worker exited", "pid": pid, "code": codes[pid]})
             stop.set()
     holder.close()
+    if writer is not None:
+        writer.close()   # the workers closed its channels: it stops; reap it
     ok = not failed and all(c == 0 for c in codes.values())
     log.info({"event": "stopped", "codes": [codes.get(p) for p in pids]})
     return 0 if ok else 1

@@ -83,12 +83,24 @@ def _exactly(ch: socket.socket, n: int) -> bytes:
 class SettlementWriter:
     """The parent's side: ``settle`` sends a job to the writer process and returns its answer."""
 
-    def __init__(self, pid: int, channels: list[socket.socket]):
+    def __init__(self, pid: int, channels: list[socket.socket], reaps: bool = True):
         self.pid = pid
         self._idle = list(channels)
         self._all = list(channels)     # closing them all stops the child
         self._lock = threading.Lock()
         self._broken: str | None = None
+        self._reaps = reaps            # the writer is this process's child: close waits for it
+
+    def split(self, n: int) -> list[SettlementWriter]:
+        """The channels in ``n`` equal shares, one per worker process of ``--processes``
+        (``server.workers``), each a writer that does not reap the process. This one keeps
+        none: ``close`` then only waits for the process, once every share is closed in every
+        process that holds it."""
+        with self._lock:
+            channels, self._all, self._idle = self._all, [], []
+        k = len(channels) // n
+        return [SettlementWriter(self.pid, channels[i * k:(i + 1) * k], reaps=False)
+                for i in range(n)]
 
     def settle(self, job) -> SettleResult | None:
         """The writer's answer to ``job`` (a ``server.service.SettleJob``): its
@@ -124,14 +136,17 @@ class SettlementWriter:
                    "then": "Settle commits in the server process"})
 
     def close(self, timeout: float = STOP_TIMEOUT_S) -> int | None:
-        """Stop the writer (after the server drained: no call waits on it) and reap it: its
-        exit code, None if it had to be killed."""
+        """Close this process's channels (after the server drained: no call waits on them);
+        the writer stops once every channel is closed. Where it is this process's child, wait
+        for it: its exit code, None if it had to be killed."""
         with self._lock:
             if self._broken is None:
                 self._broken = "closed"
             channels, self._all, self._idle = self._all, [], []
         for ch in channels:
             ch.close()
+        if not self._reaps:
+            return None
         deadline = time.monotonic() + timeout
         while True:
             try:

@@ -91,3 +91,53 @@ def test_several_processes_refuse_a_memory_ledger(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert p.returncode == 2
     assert "memory://" in p.stderr
+
+
+@pytest.mark.timeout(120)
+def test_the_workers_settle_through_one_writer_process(tmp_path):
+    db = tmp_path / "ledger.db"
+    srv = ServerProcess(str(db), "--processes", "2", *_insecure())
+    try:
+        sup = srv.wait_for(lambda r: r.get("event") == "supervising", timeout=30)
+        srv.wait_for(lambda r: len([x for x in srv.records()
+                                    if x.get("event") == "listening"]) >= 2, timeout=30)
+        started = [r for r in srv.records() if r.get("event") == "writer process started"]
+        assert len(started) == 1 and started[0]["channels"] == 2 * 16
+        writer = started[0]["pid"]
+        assert writer not in sup["pids"] and writer != srv.proc.pid
+        clients = [Client(srv.target, channel=grpc.insecure_channel(
+            srv.target, options=[("grpc.use_local_subchannel_pool", 1)])) for _ in range(8)]
+        try:
+            add_facility(clients[0], "H1", ty.FACILITY_LEVEL_1)
+            add_member(clients[0], "M", account_balance_fen=1000)
+            # With the writer stopped no worker can commit a Settle: every one waits for it.
+            os.kill(writer, signal.SIGSTOP)
+            try:
+                for k, c in enumerate(clients):
+                    with pytest.raises(grpc.RpcError) as e:
+                        c.call(c.settlement.Settle, inpatient(f"r{k}", "M", "H1", 300_000),
+                               timeout=0.5)
+                    assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            finally:
+                os.kill(writer, signal.SIGCONT)
+            # they commit once it goes on: the resends are replays, each settled once
+            for k, c in enumerate(clients):
+                r = c.call(c.settlement.Settle, inpatient(f"r{k}", "M", "H1", 300_000))
+                assert r.settlement.request_id == f"r{k}"
+        finally:
+            for c in clients:
+                c.channel.close()
+        assert srv.stop(signal.SIGTERM) == 0
+        end = time.monotonic() + 10
+        while _alive(writer) and time.monotonic() < end:
+            time.sleep(0.05)
+        assert not _alive(writer)      # stopped with the last worker, reaped
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+    ledger = SqliteLedger(db)
+    try:
+        assert sorted(r.request_id for r in ledger.journal()) == [f"r{k}" for k in range(8)]
+        assert verify(ledger) == []
+    finally:
+        ledger.close()
