@@ -6,7 +6,9 @@
         # a server (python -m server's arguments after --); drive it, e.g.
         #   python -m benchmarks.load --target 127.0.0.1:50061 --modes batch-settle \\
         #       --concurrency 2 --duration 8 --subprocess-client
-        # and stop it (Ctrl-C, SIGTERM): the breakdown is printed then
+        # and stop it (Ctrl-C, SIGTERM): the breakdown is printed then. It is the server
+        # process's committer: batches, and Settle calls only with --writer-process off
+        # (otherwise they commit in the settlement writer process, server.writer)
 
 The committer thread's groups that wrote journal rows are timed, and within them every
 statement its connection runs (by its first words), the COMMIT and the fetching of rows;

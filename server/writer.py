@@ -9,7 +9,8 @@ throughput was the committer's speed, and that was set by the wait, not by its o
 own: there the committer waits for no one.
 
 How. ``start_writer`` forks before the server makes any gRPC object or thread, with one
-``socketpair`` per RPC thread (``channels``). The child opens its own ``SqliteLedger`` on the same database and a ``Core`` over the
+``socketpair`` per RPC thread (``channels``: no address another process could connect to, so
+the pickles they carry come only from these two processes). The child opens its own ``SqliteLedger`` on the same database and a ``Core`` over the
 same policies, and loops: wait until some channels hold a request, read one ``SettleJob`` from
 each, settle them all together (``SqliteLedger.settle_many``: one group, one transaction, one
 fsync), answer each channel with its ``SettleResult`` or the exception ``settle`` raised. A

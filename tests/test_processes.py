@@ -32,16 +32,26 @@ def _alive(pid: int) -> bool:
     return True
 
 
-@pytest.mark.timeout(120)
-def test_two_workers_share_the_port_and_the_ledger_and_drain_on_sigterm(tmp_path):
-    db = tmp_path / "ledger.db"
+def _two_workers(db) -> tuple[ServerProcess, dict]:
+    """``--processes 2`` on ``db``, once both workers listen; and the supervisor's line."""
     srv = ServerProcess(str(db), "--processes", "2", *_insecure())
     try:
         sup = srv.wait_for(lambda r: r.get("event") == "supervising", timeout=30)
-        workers = sup["pids"]
-        assert len(workers) == 2 and srv.proc.pid not in workers
         srv.wait_for(lambda r: len([x for x in srv.records()
                                     if x.get("event") == "listening"]) >= 2, timeout=30)
+    except BaseException:
+        srv.proc.kill()
+        raise
+    return srv, sup
+
+
+@pytest.mark.timeout(120)
+def test_two_workers_share_the_port_and_the_ledger_and_drain_on_sigterm(tmp_path):
+    db = tmp_path / "ledger.db"
+    srv, sup = _two_workers(db)
+    try:
+        workers = sup["pids"]
+        assert len(workers) == 2 and srv.proc.pid not in workers
         ports = {r["port"] for r in srv.records() if r.get("event") == "listening"}
         assert ports == {srv.port}
         # several connections: the kernel spreads them over the two workers
@@ -96,11 +106,8 @@ def test_several_processes_refuse_a_memory_ledger(tmp_path):
 @pytest.mark.timeout(120)
 def test_the_workers_settle_through_one_writer_process(tmp_path):
     db = tmp_path / "ledger.db"
-    srv = ServerProcess(str(db), "--processes", "2", *_insecure())
+    srv, sup = _two_workers(db)
     try:
-        sup = srv.wait_for(lambda r: r.get("event") == "supervising", timeout=30)
-        srv.wait_for(lambda r: len([x for x in srv.records()
-                                    if x.get("event") == "listening"]) >= 2, timeout=30)
         started = [r for r in srv.records() if r.get("event") == "writer process started"]
         assert len(started) == 1 and started[0]["channels"] == 2 * 16
         writer = started[0]["pid"]
