@@ -96,6 +96,11 @@ def open_database(url: str) -> Ledger:
 
 
 
+def engine_impl(args: argparse.Namespace) -> str | None:
+    """The evaluator ``--engine`` asks for (None: the kernel when built)."""
+    return None if args.engine == "auto" else args.engine
+
+
 def wants_writer(args: argparse.Namespace) -> bool:
     """A settlement writer process (``server.writer``): asked for, and the database SQLite."""
     return (args.writer_process == "on" and args.database != "memory://"
@@ -170,7 +175,7 @@ def serve(argv: list[str] | None = None, writer: SettlementWriter | None = None)
     for weakness in security.weaknesses():  # only with --insecure: say so, loudly
         log.warning({"event": "INSECURE", "warning": f"INSECURE MODE: {weakness}",
                      "listen": args.listen})
-    impl = None if args.engine == "auto" else args.engine
+    impl = engine_impl(args)
     try:
         policies = store(args.policies) if args.policies != str(BUNDLED) else store()
         if writer is None and wants_writer(args):

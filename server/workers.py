@@ -62,7 +62,7 @@ def supervise(args: argparse.Namespace, argv: list[str],
                    "(SQLite file or PostgreSQL): each process would have its own memory://"})
         return 2
     from engine.loader import BUNDLED, store
-    from server.app import _redact, open_database, wants_writer
+    from server.app import _redact, engine_impl, open_database, wants_writer
     from server.writer import start_writer
     from server.auth import InsecureRefused, security_from_args
     try:  # refuse once, here, rather than once per forked worker
@@ -75,8 +75,7 @@ def supervise(args: argparse.Namespace, argv: list[str],
         policies = store(args.policies) if args.policies != str(BUNDLED) else store()
         open_database(args.database).close()   # creates or migrates the schema once
         if wants_writer(args):   # one settlement writer for all workers, each its share
-            writer = start_writer(args.database, policies,
-                                  None if args.engine == "auto" else args.engine,
+            writer = start_writer(args.database, policies, engine_impl(args),
                                   channels=n * args.workers, log_level=args.log_level)
     except Exception as e:
         log.error({"event": "cannot start", "error": f"{type(e).__name__}: {e}"})
@@ -87,9 +86,7 @@ def supervise(args: argparse.Namespace, argv: list[str],
         holder = reserve_port(host, int(port_text))
     except (OSError, ValueError) as e:
         log.error({"event": "cannot listen", "address": args.listen, "error": str(e)})
-        for share in shares:
-            if share is not None:
-                share.close()
+        _close_shares(shares)
         if writer is not None:
             writer.close()
         return 2
@@ -110,9 +107,7 @@ def supervise(args: argparse.Namespace, argv: list[str],
                 holder.close()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
-                for j, share in enumerate(shares):   # the other workers' channels
-                    if j != i and share is not None:
-                        share.close()
+                _close_shares(shares, keep=i)    # the other workers' channels
                 code = serve(worker_argv, writer=shares[i])
             except BaseException:                     # noqa: BLE001 — report, then exit
                 log.exception("worker %d failed", i)
@@ -121,9 +116,7 @@ def supervise(args: argparse.Namespace, argv: list[str],
                 logging.shutdown()
                 os._exit(code)
         pids.append(pid)
-    for share in shares:   # the workers hold them now: the writer stops when they all closed
-        if share is not None:
-            share.close()
+    _close_shares(shares)   # the workers hold them now: the writer stops when all closed
     setup_logging(args.log_level)
     log.info({"event": "supervising", "processes": n, "pids": pids, "port": port,
               "address": f"{host}:{port}", "database": _redact(args.database)})
@@ -160,6 +153,13 @@ def supervise(args: argparse.Namespace, argv: list[str],
     ok = not failed and all(c == 0 for c in codes.values())
     log.info({"event": "stopped", "codes": [codes.get(p) for p in pids]})
     return 0 if ok else 1
+
+
+def _close_shares(shares: list, keep: int | None = None) -> None:
+    """Close this process's copies of the workers' writer channels, but worker ``keep``'s."""
+    for j, share in enumerate(shares):
+        if j != keep and share is not None:
+            share.close()
 
 
 def _signal_all(pids: list[int], done: dict[int, int], sig: int) -> None:
