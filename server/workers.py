@@ -16,7 +16,8 @@ supervisor reaps it.
 Signals: SIGTERM or SIGINT to the supervisor is passed on to every worker, which drains as a
 single server does (health NOT_SERVING, in-flight calls get ``--grace``); the supervisor exits 0
 once all workers exited 0. A worker that dies on its own makes the supervisor stop the others
-and exit 1: a half-capacity service is not hidden behind a healthy port.
+and exit 1: a half-capacity service is not hidden behind a healthy port. A supervisor that
+dies (SIGKILL, the OOM killer) has the kernel send every worker SIGTERM: they drain and exit.
 
 Sharing the ledger: PostgreSQL as with separate servers (row locks). SQLite: every worker
 opens the same WAL file; writers of all processes take turns on the database write lock
@@ -28,6 +29,7 @@ process would have a ledger of its own.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -39,6 +41,7 @@ from typing import Callable
 from server.logs import setup_logging, stop_logging
 
 log = logging.getLogger("reimburse.server")
+PR_SET_PDEATHSIG = 1   # <linux/prctl.h>
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -99,6 +102,7 @@ def supervise(args: argparse.Namespace, argv: list[str],
     # would then hang on its first line) and its unwritten lines would be written twice.
     stop_logging()
     pids: list[int] = []
+    supervisor = os.getpid()
     for i in range(n):
         pid = os.fork()
         if pid == 0:                                  # a worker
@@ -107,6 +111,7 @@ def supervise(args: argparse.Namespace, argv: list[str],
                 holder.close()
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_DFL)
+                _stop_with(supervisor)
                 _close_shares(shares, keep=i)    # the other workers' channels
                 code = serve(worker_argv, writer=shares[i])
             except BaseException:                     # noqa: BLE001 — report, then exit
@@ -153,6 +158,20 @@ def supervise(args: argparse.Namespace, argv: list[str],
     ok = not failed and all(c == 0 for c in codes.values())
     log.info({"event": "stopped", "codes": [codes.get(p) for p in pids]})
     return 0 if ok else 1
+
+
+def _stop_with(supervisor: int) -> None:
+    """Have the kernel send this worker SIGTERM when the supervisor dies, however it dies
+    (Linux ``prctl(PR_SET_PDEATHSIG)``): a worker drains and exits rather than go on serving
+    the port without it (and holding the settlement writer's channels open)."""
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):   # not Linux: workers outlive a killed supervisor
+        return
+    if prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0) != 0:
+        return
+    if os.getppid() != supervisor:      # it died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _close_shares(shares: list, keep: int | None = None) -> None:

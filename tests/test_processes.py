@@ -148,3 +148,35 @@ def test_the_workers_settle_through_one_writer_process(tmp_path):
         assert verify(ledger) == []
     finally:
         ledger.close()
+
+
+@pytest.mark.timeout(120)
+def test_workers_and_the_writer_stop_when_the_supervisor_is_killed(tmp_path):
+    srv, sup = _two_workers(tmp_path / "ledger.db")
+    try:
+        writer = srv.wait_for(lambda r: r.get("event") == "writer process started")["pid"]
+        with Client(srv.target) as c:
+            add_facility(c, "H1", ty.FACILITY_LEVEL_1)
+            add_member(c, "M")
+            c.call(c.settlement.Settle, inpatient("r1", "M", "H1", 300_000))
+        srv.proc.kill()                  # SIGKILL: the supervisor cannot pass anything on
+        srv.proc.wait(10)
+        end = time.monotonic() + 20
+        left = [*sup["pids"], writer]
+        while left and time.monotonic() < end:
+            left = [p for p in left if _alive(p) and not _zombie(p)]
+            time.sleep(0.05)
+        assert left == []
+        # the workers drained: each said so
+        assert len([r for r in srv.records() if r.get("event") == "stopped"]) >= 2
+    finally:
+        if srv.proc.poll() is None:
+            srv.proc.kill()
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
