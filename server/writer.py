@@ -188,8 +188,7 @@ def start_writer(database: str, policies, impl: str | None, channels: int,
         except BaseException:           # noqa: BLE001 — report, then exit
             log.exception("the settlement writer process failed")
         finally:
-            from server.logs import stop_logging as _stop
-            _stop()
+            stop_logging()
             logging.shutdown()
             os._exit(code)
     setup_logging(log_level)

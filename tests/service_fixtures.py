@@ -236,6 +236,15 @@ class ServerProcess:
         raise AssertionError("no such log line:\n" + "\n".join(self.lines))
 
 
+def process_exited(pid: int) -> bool:
+    """Gone from the process table, or a zombie waiting for its parent to reap it."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return True
+    return state == "Z"
+
+
 # --- reflection ----------------------------------------------------------------------------
 
 def reflected_services(target: str) -> list[str]:

@@ -15,7 +15,9 @@ from reimburse.v1 import types_pb2 as ty
 from server.client import Client
 from server.ledger.sqlite import SqliteLedger
 from server.ledger.verify import verify
-from service_fixtures import ROOT, ServerProcess, add_facility, add_member, inpatient
+from service_fixtures import (
+    ROOT, ServerProcess, add_facility, add_member, inpatient, process_exited,
+)
 
 
 def _insecure() -> tuple[str, ...]:
@@ -164,7 +166,7 @@ def test_workers_and_the_writer_stop_when_the_supervisor_is_killed(tmp_path):
         end = time.monotonic() + 20
         left = [*sup["pids"], writer]
         while left and time.monotonic() < end:
-            left = [p for p in left if _alive(p) and not _zombie(p)]
+            left = [p for p in left if not process_exited(p)]
             time.sleep(0.05)
         assert left == []
         # the workers drained: each said so
@@ -173,10 +175,3 @@ def test_workers_and_the_writer_stop_when_the_supervisor_is_killed(tmp_path):
         if srv.proc.poll() is None:
             srv.proc.kill()
 
-
-def _zombie(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-    except FileNotFoundError:
-        return True

@@ -26,6 +26,7 @@ from server.ledger.verify import verify
 from server.writer import SettlementWriter, _answer
 from service_fixtures import (
     ServerProcess, accumulators, add_facility, add_member, d, golden_files, inpatient,
+    process_exited,
 )
 
 
@@ -33,19 +34,10 @@ def writer_pid(p: ServerProcess) -> int:
     return p.wait_for(lambda r: r.get("event") == "writer process started", 10)["pid"]
 
 
-def exited(pid: int) -> bool:
-    """Gone from the process table, or a zombie waiting for its parent."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except FileNotFoundError:
-        return True
-    return state == "Z"
-
-
 def wait_exited(pid: int, timeout: float = 10) -> bool:
     end = time.monotonic() + timeout
     while time.monotonic() < end:
-        if exited(pid):
+        if process_exited(pid):
             return True
         time.sleep(0.02)
     return False
@@ -105,7 +97,9 @@ def run_script(target: str) -> list:
         register(c)
         for step in SCRIPT:
             if isinstance(step, tuple):
-                ref, req = step
+                ref, template = step
+                req = st.SettleRequest()
+                req.CopyFrom(template)
                 req.referral_from_settlement_id = by_request[ref.removeprefix("REF:")]
             else:
                 req = step
@@ -245,7 +239,7 @@ def test_a_writer_that_dies_fails_the_call_then_the_server_settles(tmp_path):
 def test_the_writer_ends_with_the_server_however_the_server_ends(tmp_path):
     p = ServerProcess(str(tmp_path / "a.db"))
     pid = writer_pid(p)
-    assert not exited(pid)
+    assert not process_exited(pid)
     assert p.stop() == 0                       # drained, then the writer closed and reaped
     assert wait_exited(pid, 5)
     assert not Path(f"/proc/{pid}").exists()
