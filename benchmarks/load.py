@@ -27,7 +27,9 @@ identities, every group, all facility levels) through ``RegistryService``. Modes
 
 Load: ``--concurrency`` calls in flight in total (default 64), split over ``--clients`` client
 processes (default 1), each a grpc.aio event loop on ``--channels`` connections (default: one
-per server process); or an open loop at ``--rate`` calls per second (still at most
+for one server process, four per process for several: ``SO_REUSEPORT`` gives each connection to
+a process by a hash, so with two processes and four connections in all, one process in eight
+runs got every connection and the run measured one process twice); or an open loop at ``--rate`` calls per second (still at most
 ``--concurrency`` in flight). Every mode runs ``--duration`` seconds after ``--warmup`` (and at
 most ``--max-requests`` calls per client); ``--rounds`` repeats the list of modes, interleaved,
 and the report keeps each mode's median round. Client and server CPU seconds are measured, so
@@ -394,7 +396,8 @@ def run(args) -> dict:
     cfg = {"members": args.members, "seed": args.seed, "prefix": args.prefix,
            "run": args.run_id or f"r{os.getpid()}x{int(time.time()) % 100000}",
            "concurrency": args.concurrency, "rate": args.rate, "clients": args.clients,
-           "channels": args.channels or max(1, args.processes), "duration": args.duration,
+           "channels": args.channels or default_channels(args.processes),
+           "duration": args.duration,
            "warmup": args.warmup, "max_requests": args.max_requests, "timeout": args.timeout,
            "batch": args.batch, "batch_members": args.batch_members,
            "subprocess_client": args.subprocess_client}
@@ -402,7 +405,9 @@ def run(args) -> dict:
     for m in modes:
         if m not in MODES:
             raise SystemExit(f"unknown mode {m!r}; expected some of {', '.join(MODES)}")
-    server = SpawnedServer(args.processes, args.workers) if args.spawn else None
+    server = SpawnedServer(args.processes, args.workers,
+                           ("--presettle-threads", str(args.presettle_threads))
+                           if args.presettle_threads else ()) if args.spawn else None
     target = server.target if server else args.target
     t0 = time.time()
     try:
@@ -421,6 +426,13 @@ def run(args) -> dict:
             "server_exit": code, "cpus": os.cpu_count(), "started": t0,
             "config": {k: v for k, v in cfg.items() if k != "run"}, "results": results,
             "ratios": ratios(results)}
+
+
+def default_channels(processes: int) -> int:
+    """Connections per client: one for one server process; for several, four per process, so
+    that the kernel's hash (``SO_REUSEPORT``) leaves a process without any only by a rare
+    chance (two processes, eight connections: 1 in 128; sixteen: about 1 in 30,000)."""
+    return 1 if processes <= 1 else 4 * processes
 
 
 def ratios(results: list[dict]) -> dict:
@@ -460,12 +472,15 @@ def parse_args(argv=None):
     where.add_argument("--spawn", action="store_true", help="start a server for the run")
     ap.add_argument("--processes", type=int, default=1, help="--spawn: server processes")
     ap.add_argument("--workers", type=int, default=16, help="--spawn: RPC threads per process")
+    ap.add_argument("--presettle-threads", type=int, default=0,
+                    help="--spawn: the server's --presettle-threads (0: its default)")
     ap.add_argument("--modes", default="echo,presettle,settle", help=f"comma-separated: {MODES}")
     ap.add_argument("--concurrency", type=int, default=64, help="calls in flight (total)")
     ap.add_argument("--rate", type=float, default=0, help="target calls/s (0: closed loop)")
     ap.add_argument("--clients", type=int, default=1, help="client processes")
     ap.add_argument("--channels", type=int, default=0,
-                    help="connections per client (default: one per server process)")
+                    help="connections per client (default: 1 for one server process, "
+                         "4 per process for several)")
     ap.add_argument("--subprocess-client", action="store_true",
                     help="run even a single client in its own process")
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per mode and round")

@@ -47,15 +47,16 @@ def create_server(address: str, ledger: Ledger, policies: PolicyStore, *, worker
                   impl: str | None = None, health_servicer: health.HealthServicer | None = None,
                   max_message_bytes: int = MAX_MESSAGE_BYTES,
                   security: Security | None = None, bench_echo: bool = False,
-                  reuse_port: bool = False,
-                  writer: SettlementWriter | None = None) -> tuple[grpc.Server, int]:
+                  reuse_port: bool = False, writer: SettlementWriter | None = None,
+                  presettle_threads: int = 0) -> tuple[grpc.Server, int]:
     """A server (not started) with our services, health and reflection, bound to ``address``.
 
     ``security`` (``server.auth.Security``): TLS credentials and the authentication of callers;
     None is plaintext without authentication (tests; ``python -m server`` only with --insecure).
     ``bench_echo`` adds the load harness's bare echo RPC (``server.wire``); ``reuse_port`` lets
     several worker processes share the port (``python -m server --processes N``); ``writer``
-    commits Settle calls in the settlement writer process (``server.writer``).
+    commits Settle calls in the settlement writer process (``server.writer``);
+    ``presettle_threads`` serves PreSettle on a pool of its own (``presettle_pool``).
     """
     security = security or Security()
     server = grpc.server(
@@ -67,9 +68,10 @@ def create_server(address: str, ledger: Ledger, policies: PolicyStore, *, worker
                  ("grpc.so_reuseport", 1 if reuse_port else 0)])
     core = Core(ledger, policies, impl, writer)
     settlement = SettlementServicer(core)
-    add_settlement_service(settlement, server, batch_handlers(settlement))
-    if bench_echo:
-        add_echo_service(server)
+    pool = presettle_pool(ledger, presettle_threads)
+    add_settlement_service(settlement, server, batch_handlers(settlement), presettle_pool=pool)
+    if bench_echo:   # the baseline runs where PreSettle runs: the same stack
+        add_echo_service(server, pool=pool)
     registry_pb2_grpc.add_RegistryServiceServicer_to_server(RegistryServicer(core), server)
     policy_pb2_grpc.add_PolicyServiceServicer_to_server(PolicyServicer(core), server)
     hs = health_servicer or health.HealthServicer()
@@ -84,6 +86,20 @@ def create_server(address: str, ledger: Ledger, policies: PolicyStore, *, worker
     if not port:
         raise OSError(f"cannot listen on {address}")
     return server, port
+
+
+def presettle_pool(ledger: Ledger, threads: int) -> futures.ThreadPoolExecutor | None:
+    """A pool of ``threads`` threads for PreSettle, or None (0 threads, or reads that may wait
+    on a network: PostgreSQL), where PreSettle shares the server's RPC threads.
+
+    A PreSettle holds the GIL from start to end when its reads answer from this process, so
+    more than a couple of threads only add contenders for it: 16 threads handing one GIL
+    around spent about half the server's CPU switching between them (docs/performance.md,
+    "2026-12-07"). Settle keeps the RPC threads: its calls wait on the writer, and a commit
+    group is as large as the number of waiting threads."""
+    if threads <= 0 or not getattr(ledger, "local_reads", False):
+        return None
+    return futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="presettle")
 
 
 def open_database(url: str) -> Ledger:
@@ -126,6 +142,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                          "default: the bundled policies)")
     ap.add_argument("--workers", type=int, default=int(_env("WORKERS", "16")),
                     help="worker threads ($REIMBURSE_WORKERS; default %(default)s)")
+    ap.add_argument("--presettle-threads", type=int,
+                    default=int(_env("PRESETTLE_THREADS", "0")),
+                    help="PreSettle on a pool of its own of this many threads, with SQLite "
+                         "or memory:// (see docs/performance.md); 0: on the worker threads "
+                         "($REIMBURSE_PRESETTLE_THREADS; default %(default)s)")
     ap.add_argument("--grace", type=float, default=float(_env("GRACE_SECONDS", "10")),
                     help="seconds in-flight calls get to finish on SIGTERM "
                          "($REIMBURSE_GRACE_SECONDS; default %(default)s)")
@@ -150,7 +171,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                     help="interpreter switch interval in microseconds ($REIMBURSE_GIL_SWITCH_US;"
                          " default %(default)s; Python's own default is 5000)")
     ap.add_argument("--reuse-port", action="store_true", help=argparse.SUPPRESS)  # a worker
-    return ap.parse_args(argv)
+    args = ap.parse_args(argv)
+    if args.presettle_threads < 0:
+        ap.error(f"--presettle-threads: {args.presettle_threads} is negative (0 turns it off)")
+    return args
 
 
 def serve(argv: list[str] | None = None, writer: SettlementWriter | None = None) -> int:
@@ -194,7 +218,7 @@ def serve(argv: list[str] | None = None, writer: SettlementWriter | None = None)
         server, port = create_server(args.listen, ledger, policies, workers=args.workers,
                                      impl=impl, health_servicer=hs, security=security,
                                      bench_echo=args.bench_echo, reuse_port=args.reuse_port,
-                                     writer=writer)
+                                     writer=writer, presettle_threads=args.presettle_threads)
     except (OSError, RuntimeError) as e:  # grpc reports a port it cannot bind as RuntimeError
         if writer is not None:
             writer.close()
@@ -213,6 +237,7 @@ def serve(argv: list[str] | None = None, writer: SettlementWriter | None = None)
     log.info({"event": "listening", "address": f"{host}:{port}", "port": port,
               "database": _redact(args.database), "policies": args.policies,
               "regions": policies.regions(), "workers": args.workers,
+              "presettle_threads": args.presettle_threads if ledger.local_reads else 0,
               "tls": "mutual" if security.tls and security.tls.mutual else
                      "on" if security.tls else "off",
               "auth": ("off" if security.auth is None else

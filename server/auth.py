@@ -499,6 +499,9 @@ class Gatekeeper(grpc.ServerInterceptor):
             finally:
                 _caller.reset(token)
 
+        pool = getattr(behavior, "experimental_thread_pool", None)
+        if pool is not None:   # server.wire.on_pool: the pool goes with the behaviour
+            guarded.experimental_thread_pool = pool
         replaced = {kind: guarded}
         if deser is not None:
             replaced["request_deserializer"] = _safe(deser, type_name)

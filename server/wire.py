@@ -18,6 +18,9 @@ left out of reflection.
 """
 from __future__ import annotations
 
+import functools
+from concurrent import futures
+
 import grpc
 
 from reimburse.v1 import settlement_pb2 as st
@@ -102,7 +105,22 @@ def settlement_response(result: bytes, settlement_id: str, status: str,
     return b"\x0a" + varint(len(s)) + s + (b"\x10\x01" if replayed else b"")
 
 
-def add_settlement_service(servicer, server: grpc.Server, extra: dict | None = None) -> None:
+def on_pool(behavior, pool: futures.ThreadPoolExecutor | None):
+    """``behavior`` run by ``pool``'s threads instead of the server's (None: the server's).
+
+    grpc's synchronous server takes a method's pool from its behaviour's
+    ``experimental_thread_pool`` (grpc/_server.py, ``_select_thread_pool_for_behavior``);
+    ``server.auth.Gatekeeper`` carries it over to the behaviour it wraps, and
+    tests/test_presettle_pool.py checks that the calls do run there."""
+    if pool is None:
+        return behavior
+    run = functools.partial(behavior)   # a bound method takes no attributes; a partial does
+    run.experimental_thread_pool = pool
+    return run
+
+
+def add_settlement_service(servicer, server: grpc.Server, extra: dict | None = None,
+                           presettle_pool: futures.ThreadPoolExecutor | None = None) -> None:
     """The generated registration, with responses that may be bytes; ``extra`` adds handlers
     (method name -> grpc.RpcMethodHandler) of methods served on the side (the batch ones)."""
     def unary(method, req, rep):
@@ -111,7 +129,8 @@ def add_settlement_service(servicer, server: grpc.Server, extra: dict | None = N
 
     handlers = {
         "PreSettle": grpc.unary_unary_rpc_method_handler(   # bytes in (the module docstring)
-            servicer.PreSettleWire, response_serializer=_serializer(st.SettleResponse)),
+            on_pool(servicer.PreSettleWire, presettle_pool),
+            response_serializer=_serializer(st.SettleResponse)),
         "Settle": grpc.unary_unary_rpc_method_handler(
             servicer.SettleWire, response_serializer=_serializer(st.SettleResponse)),
         "Reverse": unary(servicer.Reverse, st.ReverseRequest, st.ReverseResponse),
@@ -129,9 +148,11 @@ def _echo(request: bytes, context) -> bytes:
     return request
 
 
-def add_echo_service(server: grpc.Server) -> None:
-    """The bare echo baseline (see the module docstring)."""
-    handlers = {"Echo": grpc.unary_unary_rpc_method_handler(_echo)}
+def add_echo_service(server: grpc.Server,
+                     pool: futures.ThreadPoolExecutor | None = None) -> None:
+    """The bare echo baseline (see the module docstring), on ``pool`` where PreSettle has
+    one: the baseline goes through the same stack as the call it is compared with."""
+    handlers = {"Echo": grpc.unary_unary_rpc_method_handler(on_pool(_echo, pool))}
     server.add_generic_rpc_handlers(
         (grpc.method_handlers_generic_handler(ECHO_SERVICE, handlers),))
     server.add_registered_method_handlers(ECHO_SERVICE, handlers)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from benchmarks.load import SpawnedServer, ratios, register, run_mode
+from benchmarks.load import SpawnedServer, default_channels, ratios, register, run_mode
 
 MARGIN = 0.25
 ECHO_CEILING_ISSUE = 3300.0   # echo calls/s per process in the issue, to turn absolute goals
@@ -78,6 +78,11 @@ BATCH_MODES = {"batch-presettle": "batch_presettle_vs_echo_calls",
                "batch-settle": "batch_settle_vs_echo_calls",
                "batch-presettle-stream": "batch_presettle_stream_vs_echo_calls",
                "batch-settle-stream": "batch_settle_stream_vs_echo_calls"}
+# The issue's batch goals in claims/s, printed beside their ratios (not asserted): echo here
+# ranges about 1,900-5,600 calls/s, so a ratio to it can miss a goal whose claims/s were met,
+# or the other way round (docs/performance.md, "2026-12-07").
+ABSOLUTE_CLAIMS_PER_S = {"batch-presettle": 1_000_000, "batch-settle": 40_000,
+                         "batch-presettle-stream": 1_000_000, "batch-settle-stream": 40_000}
 
 
 def _cfg(**kw) -> dict:
@@ -98,7 +103,9 @@ def measure() -> dict:
     figures: dict = {}
     # the 1-process and 2-process PreSettle runs both come first after registration, so
     # that the two servers are compared in the same state
-    two_client = _cfg(clients=2, channels=2, run=f"g{os.getpid()}p1")
+    # 2 clients x 4 connections: with 2 connections each, one run in eight had all four on one
+    # process (SO_REUSEPORT hashes connections) and measured 1.0 x (benchmarks.load)
+    two_client = _cfg(clients=2, channels=default_channels(2), run=f"g{os.getpid()}p1")
     one = SpawnedServer(1)
     try:
         register(one.target, 600, 3, "G")
@@ -155,6 +162,10 @@ def test_performance_ratios_hold_their_floors():
                 failing.discard(g.key)
         for mode, row in figures["absolute"].items():
             lines.append(f"  {mode}: {row}")
+            if mode in ABSOLUTE_CLAIMS_PER_S:
+                want, got = ABSOLUTE_CLAIMS_PER_S[mode], row["claims_per_s"]
+                lines.append(f"    {got:,.0f} claims/s against the issue's {want:,}: "
+                             f"{'met' if got >= want else 'NOT met'} in claims/s")
             assert not row["errors"], f"{mode} had errors: {row['errors']}"
         print(f"attempt {attempt + 1}:\n" + "\n".join(lines))
         if os.environ.get("REIMBURSE_PERF_REPORT"):
