@@ -27,13 +27,14 @@ identities, every group, all facility levels) through ``RegistryService``. Modes
 
 Load: ``--concurrency`` calls in flight in total (default 64), split over ``--clients`` client
 processes (default 1), each a grpc.aio event loop on ``--channels`` connections (default: one
-for one server process, four per process for several: ``SO_REUSEPORT`` gives each connection to
-a process by a hash, so with two processes and four connections in all, one process in eight
-runs got every connection and the run measured one process twice); or an open loop at ``--rate`` calls per second (still at most
-``--concurrency`` in flight). Every mode runs ``--duration`` seconds after ``--warmup`` (and at
-most ``--max-requests`` calls per client); ``--rounds`` repeats the list of modes, interleaved,
-and the report keeps each mode's median round. Client and server CPU seconds are measured, so
-the report says when the client, sharing the machine's cores, may be what limits.
+for one server process, four per process for several: ``SO_REUSEPORT`` gives each connection
+to a process by a hash, and with two processes and four connections in all, one run in eight
+gave every connection to one process and measured it twice); or an open loop at ``--rate``
+calls per second (still at most ``--concurrency`` in flight). Every mode runs ``--duration``
+seconds after ``--warmup`` (and at most ``--max-requests`` calls per client); ``--rounds``
+repeats the list of modes, interleaved, and the report keeps each mode's median round. Client
+and server CPU seconds are measured, so the report says when the client, sharing the machine's
+cores, may be what limits.
 
 Request ids (the settling modes) carry the run id, the round, the mode and the client, and
 count on through warm-up and measurement: no call of a run replays an earlier one, which the

@@ -1,4 +1,5 @@
-"""CI guard of issue 4's performance goals, measured as ratios within one run (about 50 s).
+"""CI guard of issue 4's performance goals, measured as ratios within one run (about 55 s an
+attempt).
 
 Servers are ``python -m server`` subprocesses with a fresh SQLite ledger (synchronous=FULL),
 driven by the load harness (``benchmarks.load``) on 127.0.0.1, every loop bounded in time.
@@ -11,6 +12,9 @@ Every goal is listed with two numbers (docs/performance.md has the measurements 
 - ``floor``: what this code is known to reach here. Where the goal is met the floor IS the
   goal; where it is not, the floor is the level measured (docs/performance.md says so, with
   numbers) — the guard then protects what was achieved and prints that the goal is unmet.
+
+One figure has no goal in the issue: PreSettle's gain from a pool of its own
+(``--presettle-threads``), held at its floor like the others.
 
 The test fails when a figure falls more than ``MARGIN`` (25 %) below its floor (for the p99
 ratio: rises more than 25 % above it), the allowance for noise on a shared 2-core machine, in
@@ -34,7 +38,7 @@ ECHO_CEILING_ISSUE = 3300.0   # echo calls/s per process in the issue, to turn a
 @dataclass(frozen=True)
 class Goal:
     key: str
-    goal: float
+    goal: float | None   # None: a figure the guard holds that the issue set no goal for
     floor: float
     higher_is_better: bool
     what: str
@@ -43,7 +47,15 @@ class Goal:
         return self.floor * (1 - MARGIN) if self.higher_is_better else self.floor * (1 + MARGIN)
 
     def met(self, value: float) -> bool:
+        if self.goal is None:
+            return True
         return value >= self.goal if self.higher_is_better else value <= self.goal
+
+    def stated(self, value: float) -> str:
+        if self.goal is None:
+            return "no goal in the issue"
+        sign = ">=" if self.higher_is_better else "<="
+        return f"goal {sign} {self.goal:g}, goal {'met' if self.met(value) else 'NOT met'}"
 
     def ok(self, value: float) -> bool:
         return value >= self.limit() if self.higher_is_better else value <= self.limit()
@@ -73,6 +85,10 @@ GOALS = (
     Goal("batch_settle_stream_vs_echo_calls", 40_000 / ECHO_CEILING_ISSUE, 6.0, True,
          "durable SettleBatchStream claims/s (1000-claim batches, 2 in flight on one stream) "
          "over echo calls/s"),
+    # not one of the issue's goals: what --presettle-threads (off by default) is for
+    # (docs/performance.md, "2026-12-07": 1.5-1.9 x)
+    Goal("presettle_pool_vs_rpc_threads", None, 1.3, True,
+         "PreSettle calls/s with --presettle-threads 2 over PreSettle on the 16 RPC threads"),
 )
 BATCH_MODES = {"batch-presettle": "batch_presettle_vs_echo_calls",
                "batch-settle": "batch_settle_vs_echo_calls",
@@ -122,6 +138,14 @@ def measure() -> dict:
     finally:
         one.stop()
         one.cleanup()
+    pooled = SpawnedServer(1, extra=("--presettle-threads", "2"))
+    try:
+        register(pooled.target, 600, 3, "G")
+        on_pool = {m: run_mode(pooled.target, m, _cfg(run=f"g{os.getpid()}q"), pooled)
+                   for m in ("echo", "presettle")}
+    finally:
+        pooled.stop()
+        pooled.cleanup()
     two = SpawnedServer(2)
     try:
         register(two.target, 600, 3, "G")
@@ -135,10 +159,14 @@ def measure() -> dict:
     for mode, key in BATCH_MODES.items():
         figures[key] = round(rows[mode]["claims_per_s"] / echo, 2)
     figures["two_processes_vs_one"] = round(two_proc["calls_per_s"] / one_proc["calls_per_s"], 3)
+    figures["presettle_pool_vs_rpc_threads"] = round(
+        on_pool["presettle"]["calls_per_s"] / rows["presettle"]["calls_per_s"], 3)
     figures["absolute"] = {m: {k: r[k] for k in ("calls_per_s", "claims_per_s", "p50_ms",
                                                  "p99_ms", "errors")}
                            for m, r in {**rows, "presettle x1 (2 clients)": one_proc,
-                                        "presettle x2 processes": two_proc}.items()}
+                                        "presettle x2 processes": two_proc,
+                                        **{f"{m} on the PreSettle pool": r
+                                           for m, r in on_pool.items()}}.items()}
     return figures
 
 
@@ -154,10 +182,8 @@ def test_performance_ratios_hold_their_floors():
         lines = []
         for g in GOALS:
             v = figures[g.key]
-            status = "goal met" if g.met(v) else "goal NOT met"
-            lines.append(f"{g.key}: {v} (goal {'>=' if g.higher_is_better else '<='} "
-                         f"{g.goal:g}, {status}; guard {'>=' if g.higher_is_better else '<='} "
-                         f"{g.limit():.3g}) — {g.what}")
+            lines.append(f"{g.key}: {v} ({g.stated(v)}; guard "
+                         f"{'>=' if g.higher_is_better else '<='} {g.limit():.3g}) — {g.what}")
             if g.ok(v):
                 failing.discard(g.key)
         for mode, row in figures["absolute"].items():
