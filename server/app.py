@@ -88,18 +88,25 @@ def create_server(address: str, ledger: Ledger, policies: PolicyStore, *, worker
     return server, port
 
 
+def presettle_threads(ledger: Ledger, threads: int) -> int:
+    """The threads of PreSettle's own pool: ``threads`` where reads answer from this process
+    (SQLite, ``memory://``), else 0 (PostgreSQL: a read may wait on the network, and a couple
+    of threads would cap the calls in flight)."""
+    return threads if getattr(ledger, "local_reads", False) else 0
+
+
 def presettle_pool(ledger: Ledger, threads: int) -> futures.ThreadPoolExecutor | None:
-    """A pool of ``threads`` threads for PreSettle, or None (0 threads, or reads that may wait
-    on a network: PostgreSQL), where PreSettle shares the server's RPC threads.
+    """A pool for PreSettle (``presettle_threads``), or None where it has none and shares the
+    server's RPC threads.
 
     A PreSettle holds the GIL from start to end when its reads answer from this process, so
     more than a couple of threads only add contenders for it: 16 threads handing one GIL
     around spent about half the server's CPU switching between them (docs/performance.md,
     "2026-12-07"). Settle keeps the RPC threads: its calls wait on the writer, and a commit
     group is as large as the number of waiting threads."""
-    if threads <= 0 or not getattr(ledger, "local_reads", False):
-        return None
-    return futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="presettle")
+    n = presettle_threads(ledger, threads)
+    return (futures.ThreadPoolExecutor(max_workers=n, thread_name_prefix="presettle")
+            if n > 0 else None)
 
 
 def open_database(url: str) -> Ledger:
@@ -237,7 +244,7 @@ def serve(argv: list[str] | None = None, writer: SettlementWriter | None = None)
     log.info({"event": "listening", "address": f"{host}:{port}", "port": port,
               "database": _redact(args.database), "policies": args.policies,
               "regions": policies.regions(), "workers": args.workers,
-              "presettle_threads": args.presettle_threads if ledger.local_reads else 0,
+              "presettle_threads": presettle_threads(ledger, args.presettle_threads),
               "tls": "mutual" if security.tls and security.tls.mutual else
                      "on" if security.tls else "off",
               "auth": ("off" if security.auth is None else
