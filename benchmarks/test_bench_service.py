@@ -19,7 +19,7 @@ import pytest
 from benchmarks import batchload, workload
 from engine.loader import store
 from reimburse.v1 import settlement_pb2 as st
-from server import _wire, batch, convert
+from server import _wire, batch
 from server.ledger.sqlite import SqliteLedger
 from server.service import Core, SettlementServicer
 
@@ -42,10 +42,7 @@ def setup():
     d = tempfile.mkdtemp()
     ledger = SqliteLedger(Path(d) / "ledger.db")
     pop = workload.population(2000, seed=5, prefix="P")
-    for f in pop.facilities:
-        ledger.upsert_facility(convert.facility_from_wire(f))
-    for m in pop.members:
-        ledger.upsert_member(convert.member_from_wire(m))
+    workload.register_in(ledger, pop)
     reqs = [workload.settle_request(pop, c).SerializeToString()
             for c in workload.claims(pop, 512, seed=6)]
     cols = batchload.batch_columns(pop, 1000, 100, 7)

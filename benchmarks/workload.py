@@ -83,6 +83,17 @@ def population(n_members: int = 2000, n_facilities: int = 24, seed: int = 1,
     return Population(prefix, facilities, members, heavy)
 
 
+def register_in(ledger, pop: Population) -> None:
+    """Register ``pop``'s facilities and members straight into ``ledger`` (no gRPC: tests and
+    in-process benchmarks; ``benchmarks.load.register`` does it through RegistryService)."""
+    from server import convert   # the workload itself needs only the messages
+
+    for f in pop.facilities:
+        ledger.upsert_facility(convert.facility_from_wire(f))
+    for m in pop.members:
+        ledger.upsert_member(convert.member_from_wire(m))
+
+
 def lognormal_fen(rng: random.Random, median_yuan: float, sigma: float,
                   cap_fen: int = 10**10) -> int:
     return max(1, min(cap_fen, int(median_yuan * 100 * math.exp(rng.gauss(0, sigma)))))

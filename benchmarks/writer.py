@@ -118,13 +118,9 @@ def instrument(timings: Timings) -> None:
 def _populate(ledger: SqliteLedger, members: int):
     """The synthetic population of ``members`` members (``benchmarks.workload``), registered."""
     from benchmarks import workload
-    from server import convert
 
     pop = workload.population(members, seed=5, prefix="P")
-    for f in pop.facilities:
-        ledger.upsert_facility(convert.facility_from_wire(f))
-    for m in pop.members:
-        ledger.upsert_member(convert.member_from_wire(m))
+    workload.register_in(ledger, pop)
     return pop
 
 

@@ -15,7 +15,7 @@ import pytest
 
 from benchmarks import workload
 from engine.loader import store
-from server import convert, fastpath, wire
+from server import fastpath, wire
 from server.app import create_server, presettle_pool
 from server.ledger.memory import MemoryLedger
 from service_fixtures import sqlite_ledger
@@ -25,10 +25,7 @@ PRESETTLE = "/reimburse.v1.SettlementService/PreSettle"
 
 def _serve(tmp_path, name: str, pop, **kw):
     ledger = sqlite_ledger(tmp_path / f"{name}.db")
-    for f in pop.facilities:
-        ledger.upsert_facility(convert.facility_from_wire(f))
-    for m in pop.members:
-        ledger.upsert_member(convert.member_from_wire(m))
+    workload.register_in(ledger, pop)
     server, port = create_server("127.0.0.1:0", ledger, store(), bench_echo=True, **kw)
     server.start()
     return server, port, ledger

@@ -247,10 +247,7 @@ def _servicer():
     from benchmarks import workload
     ledger = MemoryLedger()
     pop = workload.population(60, seed=3, prefix="S")
-    for f in pop.facilities:
-        ledger.upsert_facility(convert.facility_from_wire(f))
-    for m in pop.members:
-        ledger.upsert_member(convert.member_from_wire(m))
+    workload.register_in(ledger, pop)
     reqs = [workload.settle_request(pop, c, f"r{i}")
             for i, c in enumerate(workload.claims(pop, 300, seed=4))]
     return SettlementServicer(Core(ledger, store(), "kernel")), ledger, reqs
