@@ -34,4 +34,4 @@ load: install
 	$(PY) -m benchmarks.load --spawn --modes echo,presettle,settle,batch-presettle,batch-settle --duration 5
 
 clean:
-	rm -rf build *.egg-info engine/_kernel.c engine/*.so server/_wire.c server/*.so reimburse $(VENV)
+	rm -rf build *.egg-info engine/_kernel.c engine/*.so server/_wire.c server/_single.c server/_logline.c server/*.so reimburse $(VENV)

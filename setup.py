@@ -45,6 +45,9 @@ def extensions() -> list:
         ext.append(Extension("server._wire", ["server/_wire.pyx"], extra_compile_args=flags))
     if (ROOT / "server" / "_single.pyx").exists():   # the single-claim PreSettle's codec
         ext.append(Extension("server._single", ["server/_single.pyx"], extra_compile_args=flags))
+    if (ROOT / "server" / "_logline.pyx").exists():   # the log line's JSON text
+        ext.append(Extension("server._logline", ["server/_logline.pyx"],
+                             extra_compile_args=flags))
     if (ROOT / "server" / "ledger" / "_journal.pyx").exists():   # a batch's journal rows
         ext.append(Extension("server.ledger._journal", ["server/ledger/_journal.pyx"],
                              extra_compile_args=flags))

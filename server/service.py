@@ -79,17 +79,28 @@ def _abort(context, code: grpc.StatusCode, error: str, status) -> None:
     context.abort_with_status(status)
 
 
-def _log_call(name: str, fields: dict, start: float, code: grpc.StatusCode,
+_CODE_NAME = {c: c.name for c in grpc.StatusCode}   # Enum.name is a property: 0.3 µs a call
+
+
+def _log_call(name: str, fields: dict | tuple, start: float, code: grpc.StatusCode,
               error: str | None) -> None:
-    """The call's log line."""
-    line = {"event": "rpc", "method": name, **fields, "code": code.name,
-            "latency_ms": round((time.perf_counter() - start) * 1e3, 3)}
-    caller = auth.current()
+    """The call's log line, of its fields or of the request server._single.parse_settle read.
+    The writer thread builds it (logs.info_of): the call only queues what it is made of."""
+    logs.info_of(log, _call_line, name, fields, int((time.perf_counter() - start) * 1e6),
+                 code, auth.current(), error)
+
+
+def _call_line(name: str, fields: dict | tuple, latency_us: int, code: grpc.StatusCode,
+               caller, error: str | None) -> dict:
+    if type(fields) is tuple:
+        fields = _parsed_fields(fields)
+    line = {"event": "rpc", "method": name, **fields, "code": _CODE_NAME[code],
+            "latency_ms": latency_us / 1e3}
     if caller is not None:
         line["caller"] = str(caller)
     if error:
         line["error"] = error
-    logs.info(log, line)
+    return line
 
 
 def rpc(method):
@@ -258,10 +269,10 @@ class SettlementServicer(settlement_pb2_grpc.SettlementServiceServicer):
                 reply = fast(req, data, context)
             except Exception as e:
                 code, error, status = _status(e, name)
-                _log_call(name, _parsed_fields(req), start, code, error)
+                _log_call(name, req, start, code, error)
                 _abort(context, code, error, status)
             if reply is not None:
-                _log_call(name, _parsed_fields(req), start, grpc.StatusCode.OK, None)
+                _log_call(name, req, start, grpc.StatusCode.OK, None)
                 return reply
         try:
             request = st.SettleRequest.FromString(data)

@@ -49,12 +49,17 @@ def test_no_line_is_lost_or_doubled_while_the_writer_flushes_concurrently():
     assert set(lines) == {f"{t}-{i}" for t in range(4) for i in range(5000)}
 
 
-_VALUES = st.one_of(st.text(max_size=12), st.integers(), st.floats(), st.booleans(), st.none(),
-                    st.lists(st.integers(), max_size=2), st.sampled_from(['a"b', "a\\b", "\n"]))
+_ASCII = st.text(st.characters(max_codepoint=127), max_size=12)   # server._logline copies these
+_VALUES = st.one_of(st.text(max_size=12), _ASCII, st.integers(), st.floats(), st.booleans(),
+                    st.none(), st.lists(st.integers(), max_size=2),
+                    st.sampled_from(['a"b', "a\\b", "\n", "\x7f", "\x1f"]),
+                    # two of these overflow _logline's buffer: the line is written item by item
+                    st.text("xy", min_size=1000, max_size=1100))
 
 
 @settings(max_examples=400, deadline=None)
-@given(fields=st.dictionaries(st.one_of(st.text(max_size=6), st.sampled_from(["ts", "level"])),
+@given(fields=st.dictionaries(st.one_of(st.text(max_size=6), _ASCII,
+                                        st.sampled_from(["ts", "level"])),
                               _VALUES, max_size=6),
        logger=st.text(max_size=8), created=st.floats(0, 4e9))
 def test_a_line_is_json_dumps_text_of_its_fields(fields, logger, created):
@@ -68,9 +73,10 @@ def test_a_line_is_json_dumps_text_of_its_fields(fields, logger, created):
 
 
 def test_a_deferred_line_is_written_in_order_and_never_lost(monkeypatch):
-    # logs.info queues the fields and the writer formats them: the lines come out in the
-    # order they were logged, records and deferred lines alike, and a value JSON cannot write
-    # is written as its repr rather than the line being dropped
+    # logs.info and info_of queue the fields (or what makes them) and the writer builds and
+    # formats them: the lines come out in the order they were logged, records and deferred
+    # lines alike; a value JSON cannot write is written as its repr, and fields that fail to
+    # be built as an error line, rather than the line being dropped
     from server import logs
     out = io.StringIO()
     handler = BufferedLineHandler(out, interval=3600)
@@ -84,12 +90,18 @@ def test_a_deferred_line_is_written_in_order_and_never_lost(monkeypatch):
         logs.info(log, {"event": "rpc", "n": 1})
         log.warning({"event": "direct"})
         logs.info(log, {"event": "rpc", "odd": {1, 2}})
-        assert out.getvalue() == ""              # nothing formatted or written yet
+        logs.info_of(log, lambda name, n: {"event": name, "n": n + 1}, "made", 2)
+
+        def broken(n):
+            raise KeyError(n)
+        logs.info_of(log, broken, 7)
+        assert out.getvalue() == ""              # nothing built, formatted or written yet
         handler.flush()
     finally:
         handler.close()
     lines = [json.loads(x) for x in out.getvalue().splitlines()]
-    assert [x["event"] for x in lines] == ["rpc", "direct", "rpc"]
+    assert [x["event"] for x in lines] == ["rpc", "direct", "rpc", "made", "log_error"]
+    assert lines[3]["n"] == 3 and lines[4]["error"] == "broken: KeyError(7)"
     assert lines[0] == {"ts": lines[0]["ts"], "level": "INFO", "logger": "test.deferred",
                         "event": "rpc", "n": 1}
     assert lines[2]["odd"] == "{1, 2}" and lines[1]["level"] == "WARNING"
