@@ -25,3 +25,21 @@ class WireView:
 def settle(plan: WirePlan, view: WireView, req: Parsed, facts: int, level: int, months: int,
            scale: int, state: array, balance: int, identity: int,
            pre: bool) -> bytes | tuple[bytes, dict[str, tuple[int, int]], int, int, int] | None: ...
+
+class ClaimContext:
+    member: object
+    facility: object
+    accumulators: object
+    region: str
+    balance_fen: int
+    mask: int
+    facts: int
+    level: int
+    identity: int
+    since_month: int
+    year: int
+    def __init__(self, member: object, facility: object, accumulators: object,
+                 balance_fen: int, mask: int, facts: int, level: int, identity: int) -> None: ...
+    def covers(self, day: date) -> bool: ...
+    def settle(self, plan: object, req: Parsed,
+               pre: bool) -> bytes | tuple[bytes, dict[str, tuple[int, int]], int, int, int] | None: ...

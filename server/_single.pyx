@@ -510,3 +510,67 @@ def settle(WirePlan plan not None, WireView view not None, tuple req, int64_t fa
     finally:
         if buf != small:
             free(buf)
+
+
+# --- a claim's context: its member, facility and year's accumulators, derived once ---------------
+
+cdef int64_t _ymd(object d):
+    return d.year * 10000 + d.month * 100 + d.day
+
+
+cdef class ClaimContext:
+    """What ``settle`` takes from a claim's member, facility and year's accumulators, derived
+    from those records once (``server.fastpath.claim_context`` computes the facts): kept with
+    the cached reads they came from, a PreSettle of the same member, facility and year
+    derives none of it again. The days the member is covered on (``service.check_covered``:
+    the benefit period and the contribution run) are kept as yyyymmdd bounds."""
+    cdef readonly object member, facility, accumulators, region
+    cdef readonly int64_t balance_fen, mask, facts, level, identity, since_month, year
+    cdef int64_t first_ymd, last_ymd
+    cdef object _plan, _view, _state
+
+    def __init__(self, member, facility, accumulators, int64_t balance_fen, int64_t mask,
+                 int64_t facts, int64_t level, int64_t identity):
+        self.member, self.facility, self.accumulators = member, facility, accumulators
+        self.region, self.year = member.region, accumulators.year
+        self.balance_fen, self.mask, self.facts = balance_fen, mask, facts
+        self.level, self.identity = level, identity
+        since = member.continuous_since
+        self.since_month = since.year * 12 + since.month - 1   # months counts its own month
+        self.first_ymd = _ymd(since)
+        if member.benefit_start is not None:
+            self.first_ymd = max(self.first_ymd, _ymd(member.benefit_start))
+        self.last_ymd = (_ymd(member.benefit_end) if member.benefit_end is not None
+                         else 99999999)
+        self._plan = None
+
+    def covers(self, day) -> bool:
+        """The member is covered on ``day`` (``MemberRecord.not_covered_on`` is None)."""
+        cdef int64_t ymd = _ymd(day)
+        return self.first_ymd <= ymd <= self.last_ymd
+
+    def settle(self, plan, tuple req, bint pre):
+        """``settle`` of ``req`` in this context under ``plan`` (``server.fastpath.Plan``, the
+        policy in force on the service day); None where the member is not covered then, or
+        where the kernel refuses the claim."""
+        day = req[4]
+        cdef int64_t y = day.year, m = day.month
+        cdef int64_t ymd = y * 10000 + m * 100 + day.day
+        if not (self.first_ymd <= ymd <= self.last_ymd):
+            return None
+        if y != self.year:
+            raise ValueError(f"accumulators of {self.year} given for a claim of {y}")
+        if self._plan is plan:     # read together: no Python runs between these reads
+            view, state = self._view, self._state
+        else:
+            view = plan.wire_view(self.mask)
+            acc, cp = self.accumulators, plan.cp
+            state = cp.state_of(acc) if acc.paid or acc.base else cp._zero_state
+            # nor between these writes: a thread sees the three of one plan
+            self._view, self._state, self._plan = view, state, plan
+        cdef int64_t months = y * 12 + m - self.since_month
+        scale = plan._scale.get(months)
+        if scale is None:
+            scale = plan.scale(months)
+        return settle(plan.wire, view, req, self.facts, self.level, months, scale, state,
+                      self.balance_fen, self.identity, pre)

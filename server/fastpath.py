@@ -152,6 +152,23 @@ def plan_for(policy: Policy) -> Plan:
     return p
 
 
+_DAY_PLANS: dict[tuple[int, str, date], tuple[object, Plan]] = {}
+
+
+def plan_on(policies, region: str, day: date) -> Plan:
+    """``plan_for(policies.policy_for(region, day))``, remembered per (region, day): a store's
+    files do not change once loaded. NoPolicyInForce as ``policy_for``."""
+    key = (id(policies), region, day)
+    got = _DAY_PLANS.get(key)
+    if got is not None and got[0] is policies:
+        return got[1]
+    plan = plan_for(policies.policy_for(region, day))
+    if len(_DAY_PLANS) >= 4096:
+        _DAY_PLANS.clear()
+    _DAY_PLANS[key] = (policies, plan)
+    return plan
+
+
 def accumulators_message(plan: Plan, mask: int, member_id: str, year: int, day: date,
                          months: int, scale: int, st: array, balance_fen: int,
                          as_of: ty.Date) -> ty.Accumulators:
@@ -273,29 +290,33 @@ def settle(plan: Plan, call: SettleCall, m: MemberRecord, level: str, chain_fen:
                    fund_total_fen=o[O_FUND_TOTAL]), msg
 
 
-def _wire_settle(core, req: tuple, m: MemberRecord, f, acc: Accumulators, balance_fen: int,
-                 pre: bool):
-    """server._single.settle of a parsed request for member ``m`` at facility ``f``; None
-    where the general path answers (not covered, no policy in force, refused by the kernel)."""
-    day = req[4]
-    if m.not_covered_on(day):     # service.check_covered
-        return None
-    try:
-        plan = plan_for(core.policies.policy_for(m.region, day))
-    except NoPolicyInForce:
-        return None
-    if acc.year != day.year:
-        raise ValueError(f"accumulators of {acc.year} given for a claim of {day.year}")
-    cp = plan.cp
+def claim_context(m: MemberRecord, f, acc: Accumulators,
+                  balance_fen: int) -> _single.ClaimContext:
+    """What a claim's evaluation takes from its member, facility and year's accumulators
+    (server._single.ClaimContext): the member's and the facility's facts for the kernel."""
     mask = member_mask(m)
     level = rule_level(f)
-    facts = mask | _kernel_mod.place_facts(level, req[2], m.primary_facility, m.other_facility)
-    since = m.continuous_since
-    months = (day.year * 12 + day.month) - (since.year * 12 + since.month) + 1
-    got = _single.settle(
-        plan.wire, plan.wire_view(mask), req, facts, _kernel_mod._LEVEL[level], months,
-        plan.scale(months), cp.state_of(acc) if acc.paid or acc.base else cp._zero_state,
-        balance_fen, IDENTITY_WIRE[m.identity], pre)
+    facts = mask | _kernel_mod.place_facts(level, f.facility_id, m.primary_facility,
+                                           m.other_facility)
+    return _single.ClaimContext(m, f, acc, balance_fen, mask, facts, _kernel_mod._LEVEL[level],
+                                IDENTITY_WIRE[m.identity])
+
+
+def read_context(reads, member_id: str, facility_id: str, year: int) -> _single.ClaimContext:
+    """claim_context from one call's reads (NotFound for an unknown member or facility)."""
+    f = reads.get_facility(facility_id)
+    m = reads.get_member(member_id)
+    return claim_context(m, f, reads.accumulators(member_id, year), m.account_balance_fen)
+
+
+def _wire_settle(core, req: tuple, c: _single.ClaimContext, pre: bool):
+    """server._single.settle of a parsed request in context ``c``; None where the general
+    path answers (not covered, no policy in force, refused by the kernel)."""
+    try:
+        plan = plan_on(core.policies, c.region, req[4])
+    except NoPolicyInForce:
+        return None
+    got = c.settle(plan, req, pre)     # None where not covered (service.check_covered)
     if got is None or pre:
         return got
     result, deltas, account_paid, chain_after, fund_total = got
@@ -309,18 +330,18 @@ def pre_settle_wire(core, req: tuple) -> bytes | None:
     tuple), byte for byte what the general path answers; None where that path answers (an
     unknown member or facility, and _wire_settle's cases), so that every refusal is worded
     in one place."""
-    reads = core.ledger.reads()    # registry and accumulators as of one moment
+    ledger = core.ledger
+    member_id, facility_id, year = req[1], req[2], req[4].year
     try:
-        f = reads.get_facility(req[2])
-        m = reads.get_member(req[1])
+        c = ledger.derived(("claim", member_id, facility_id, year),
+                           lambda: read_context(ledger, member_id, facility_id, year))
     except NotFound:
         return None
-    acc = reads.accumulators(req[1], req[4].year)
-    return _wire_settle(core, req, m, f, acc, m.account_balance_fen, True)
+    return _wire_settle(core, req, c, True)
 
 
 def settle_wire(core, req: tuple, state: MemberState) -> Outcome | None:
     """The ledger outcome of settling ``req`` over ``state`` (inside the ledger's
     transaction), as ``Core.evaluate`` makes it; None where the general path answers."""
-    return _wire_settle(core, req, state.member, state.facility, state.accumulators,
-                        state.balance_fen, False)
+    return _wire_settle(core, req, claim_context(state.member, state.facility,
+                                                 state.accumulators, state.balance_fen), False)

@@ -34,6 +34,16 @@ def _balance(lg) -> int:
     return lg.reads().get_member("M1").account_balance_fen
 
 
+def _derived_balance(lg) -> int:
+    # a value derived from reads (server.fastpath's claim context), kept in the same cache
+    return lg.derived(("balance", "M1"), lambda: lg.get_member("M1").account_balance_fen)
+
+
+def _reads_derived_balance(lg) -> int:
+    r = lg.reads()
+    return r.derived(("balance", "M1"), lambda: r.get_member("M1").account_balance_fen)
+
+
 def test_a_settlement_committed_here_is_seen_by_the_next_call(ledger):
     assert _balance(ledger) == 500 and ledger.reads().accumulators("M1", YEAR).paid == {}
     ledger.settle(facility_id="F1", request_id="r1", request_hash="h1", member_id="M1",
@@ -64,7 +74,19 @@ def test_a_commit_of_another_process_is_seen_by_the_next_call(ledger, tmp_path):
     assert ledger.reads().accumulators("M1", YEAR).paid == {"T1": 40}
 
 
-def test_reads_racing_commits_never_keep_a_stale_balance(ledger):
+def test_a_derived_value_is_dropped_with_the_reads_it_came_from(ledger):
+    assert _derived_balance(ledger) == _reads_derived_balance(ledger) == 500
+    assert ("balance", "M1") in ledger._cache        # kept: the next call derives nothing
+    ledger.settle(facility_id="F1", request_id="r1", request_hash="h1", member_id="M1",
+                  year=YEAR, evaluate=paying(70, cap=1000, account=30))
+    assert _derived_balance(ledger) == 470
+    ledger.settle(facility_id="F1", request_id="r2", request_hash="h2", member_id="M1",
+                  year=YEAR, evaluate=paying(70, cap=1000, account=30))
+    assert _reads_derived_balance(ledger) == 440
+
+
+@pytest.mark.parametrize("read", [_balance, _derived_balance, _reads_derived_balance])
+def test_reads_racing_commits_never_keep_a_stale_balance(ledger, read):
     """Threads read while settlements commit; after the last commit every read is current."""
     stop = threading.Event()
     seen: list[int] = []
@@ -72,9 +94,9 @@ def test_reads_racing_commits_never_keep_a_stale_balance(ledger):
 
     def reader():
         while not stop.is_set():
-            seen.append(_balance(ledger))
+            seen.append(read(ledger))
             time.sleep(0)   # a call's network wait: spinning readers would starve the committer
-        last.append(_balance(ledger))   # after the last commit, whatever this thread cached
+        last.append(read(ledger))   # after the last commit, whatever this thread cached
     threads = [threading.Thread(target=reader) for _ in range(4)]
     for t in threads:
         t.start()

@@ -198,7 +198,8 @@ def test_the_c_path_builds_the_general_paths_reply_and_outcome(seed):
         got = fastpath.settle_wire(core, parsed, state)
         assert got == want                         # every field, the stored bytes included
         msg.status = ty.SETTLEMENT_STATUS_PRE_SETTLED
-        assert fastpath._wire_settle(core, parsed, m, facility, acc, m.account_balance_fen,
+        ctx = fastpath.claim_context(m, facility, acc, m.account_balance_fen)
+        assert fastpath._wire_settle(core, parsed, ctx,
                                      True) == st.SettleResponse(settlement=msg).SerializeToString()
         compared += 1
     assert compared > 300
@@ -214,11 +215,11 @@ def test_what_the_c_path_leaves_to_the_general_one():
     req.amounts.CopyFrom(st.BillAmounts(total_fen=1000))
     f = FacilityRecord(req.facility_id, "LEVEL_1")
     parsed = _single.parse_settle(req.SerializeToString())
-    assert fastpath._wire_settle(core, parsed, m, f, acc, 0, True) is not None
-    early = replace(m, continuous_since=parsed[4] + timedelta(days=1))
-    assert fastpath._wire_settle(core, parsed, early, f, acc, 0, True) is None   # not covered
-    elsewhere = replace(m, region="nowhere")
-    assert fastpath._wire_settle(core, parsed, elsewhere, f, acc, 0, True) is None  # no policy
+    def wire(member):
+        return fastpath._wire_settle(core, parsed, fastpath.claim_context(member, f, acc, 0), True)
+    assert wire(m) is not None
+    assert wire(replace(m, continuous_since=parsed[4] + timedelta(days=1))) is None  # not covered
+    assert wire(replace(m, region="nowhere")) is None   # no policy
     assert fastpath.pre_settle_wire(core, parsed) is None   # nobody registered in this ledger
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import Callable, Iterator, Mapping, NamedTuple, Protocol
+from typing import Any, Callable, Iterator, Mapping, NamedTuple, Protocol
 
 from engine.model import Accumulators
 
@@ -200,6 +200,12 @@ class BulkReads:
     def accumulators_of(self, keys) -> list[Accumulators]:
         """``accumulators(member_id, year)`` of each (member_id, year)."""
         return [self.accumulators(mid, year) for mid, year in keys]
+
+    def derived(self, key: tuple, build: Callable[[], Any]) -> Any:
+        """``build()``, a value computed from these reads alone; a cached reader keeps it
+        under ``key`` with the reads and drops it with them. ``key``'s first item names the
+        kind of value, never "m", "f" or "a" (the reads' own)."""
+        return build()
 
 
 class Ledger(Protocol):

@@ -383,6 +383,11 @@ class SqliteLedger(SqlLedger):
     def reads(self) -> "_Reads":
         return _Reads(self) if self._cache_on else self
 
+    def derived(self, key: tuple, build: Callable[[], Any]) -> Any:
+        # BulkReads.derived over the cache, checked once here (a call's single lookup needs
+        # no _Reads)
+        return self._cached(key, build)
+
     def get_member(self, member_id: str) -> MemberRecord:
         return self._cached(("m", member_id), lambda: SqlLedger.get_member(self, member_id))
 
@@ -472,6 +477,9 @@ class _Reads(BulkReads):
     def accumulators(self, member_id: str, year: int) -> Accumulators:
         return self._get(("a", member_id, year),
                          lambda: SqlLedger.accumulators(self.ledger, member_id, year))
+
+    def derived(self, key: tuple, build: Callable[[], Any]) -> Any:
+        return self._get(key, build)   # stored under a read's rule: while the epoch is ours
 
     def members_of(self, member_ids) -> list[MemberRecord | None]:
         cache = self.cache
