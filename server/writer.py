@@ -10,7 +10,7 @@ own: there the committer waits for no one.
 
 How. ``start_writer`` forks before the server makes any gRPC object or thread, with one
 ``socketpair`` per RPC thread (``channels``: no address another process could connect to, so
-the pickles they carry come only from these two processes). The child opens its own ``SqliteLedger`` on the same database and a ``Core`` over the
+the messages they carry come only from these two processes). The child opens its own ``SqliteLedger`` on the same database and a ``Core`` over the
 same policies, and loops: wait until some channels hold a request, read one ``SettleJob`` from
 each, settle them all together (``SqliteLedger.settle_many``: one group, one transaction, one
 fsync), answer each channel with its ``SettleResult`` or the exception ``settle`` raised. A
@@ -33,6 +33,7 @@ channels are all closed, whatever ended the parent: only the parent holds them.
 from __future__ import annotations
 
 import logging
+import marshal
 import os
 import pickle
 import selectors
@@ -41,9 +42,10 @@ import socket
 import struct
 import threading
 import time
+from datetime import date, datetime
 from typing import Any
 
-from server.ledger.base import LedgerUnavailable, SettleResult
+from server.ledger.base import BatchItem, LedgerUnavailable, SettlementRecord, SettleResult
 
 log = logging.getLogger("reimburse.server")
 
@@ -53,8 +55,69 @@ START_TIMEOUT_S = 60.0      # opening (and migrating) the database in the child
 STOP_TIMEOUT_S = 30.0       # after the channels close: the group in hand, then close
 
 
+# A message's first byte says how the rest is written. A Settle's job of the C path's kind
+# and a settlement answered go as plain values (marshal); anything else as a pickle. Pickling
+# the named tuples and the dataclass cost 3-5 µs a message each way, in both processes, where
+# marshal takes under 1 (docs/performance.md, "2026-12-07, second pass").
+_PLAIN, _PICKLED = b"M", b"P"
+
+
+def _encode(obj: Any) -> bytes:
+    plain = _plain(obj)
+    if plain is not None:
+        try:
+            return _PLAIN + marshal.dumps(plain, 2)   # version 2: no back-references, faster
+        except ValueError:           # a value marshal cannot write: pickled below
+            pass
+    return _PICKLED + pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+
+
+def _plain(obj: Any) -> tuple | None:
+    """``obj`` as builtins only (_decode rebuilds it), or None where it is not a message of
+    the two kinds."""
+    if type(obj) is tuple and len(obj) == 2 and obj[0] is True:     # (True, SettleResult)
+        r = obj[1]
+        if isinstance(r, SettleResult) and type(r.record.deltas) is dict:
+            rec = r.record
+            return ("result", (*rec[:-2], _iso(rec.created_at), _iso(rec.reversed_at)),
+                    r.created)
+        return None
+    req = getattr(obj, "req", None)
+    if type(req) is tuple and obj.call is None and obj.chain_fen == 0:   # a C path SettleJob
+        return ("job", tuple(obj.item), (*req[:4], req[4].toordinal(), *req[5:]), obj.data)
+    return None
+
+
+def _iso(t: datetime | None) -> str | None:
+    return None if t is None else t.isoformat()
+
+
+def _decode(body: bytes) -> Any:
+    if body[:1] == _PICKLED:
+        return pickle.loads(body[1:])
+    kind, *rest = marshal.loads(body[1:])
+    if kind == "result":
+        flat, created = rest
+        *fields, created_at, reversed_at = flat
+        return True, SettleResult(SettlementRecord(
+            *fields, None if created_at is None else datetime.fromisoformat(created_at),
+            None if reversed_at is None else datetime.fromisoformat(reversed_at)), created)
+    item, req, data = rest
+    return _settle_job()(BatchItem(*item), (*req[:4], date.fromordinal(req[4]), *req[5:]), data)
+
+
+_SETTLE_JOB: list = []
+
+
+def _settle_job() -> type:
+    if not _SETTLE_JOB:    # server.service, imported where it is first needed (it uses us)
+        from server.service import SettleJob
+        _SETTLE_JOB.append(SettleJob)
+    return _SETTLE_JOB[0]
+
+
 def _send(ch: socket.socket, obj: Any) -> None:
-    body = pickle.dumps(obj, pickle.HIGHEST_PROTOCOL)
+    body = _encode(obj)
     ch.sendall(_LEN.pack(len(body)) + body)
 
 
@@ -67,7 +130,7 @@ def _recv(ch: socket.socket) -> Any:
     body = buf[_LEN.size:]
     if len(body) < n:
         body += _exactly(ch, n - len(body))
-    return pickle.loads(body)
+    return _decode(body)
 
 
 def _exactly(ch: socket.socket, n: int) -> bytes:

@@ -7,6 +7,8 @@ import pickle
 import signal
 import threading
 import time
+from collections import OrderedDict
+from datetime import date, datetime, timedelta, timezone
 from pathlib import Path
 
 import grpc
@@ -19,10 +21,13 @@ from reimburse.v1 import types_pb2 as ty
 from server.client import Client
 from server.errors import DeadlinePassed, NotCovered
 from server.ledger.base import (
-    BatchItem, Conflict, LedgerUnavailable, NotFound, Outcome, ReferralReversed, SettleResult,
+    BatchItem, Conflict, LedgerUnavailable, NotFound, Outcome, ReferralReversed, SettlementRecord,
+    SettleResult,
 )
 from server.ledger.sqlite import SqliteLedger
 from server.ledger.verify import verify
+from server import writer as writer_mod
+from server.service import SettleJob
 from server.writer import SettlementWriter, _answer
 from service_fixtures import (
     ServerProcess, accumulators, add_facility, add_member, d, golden_files, inpatient,
@@ -280,6 +285,54 @@ def test_an_exception_that_cannot_travel_arrives_as_a_runtime_error_naming_it():
             super().__init__(f"{a}/{b}")
     ok, back = pickle.loads(pickle.dumps(_answer(Odd(1, 2))))
     assert not ok and type(back) is RuntimeError and str(back) == "Odd: 1/2"
+
+
+def _record(created_at, reversed_at=None, deltas=None) -> SettlementRecord:
+    return SettlementRecord(
+        "S20181002000001", "H3", "r-1", "ab" * 32, "M1", 2018, "SETTLED",
+        {"inpatient_tier1": (7765578, 9000000), "x": (0, 1)} if deltas is None else deltas,
+        120, 140000, "jiangmen/2018-01-01#f43d", b"\x0a\x02ok" * 90, 15482933, created_at,
+        reversed_at)
+
+
+UTC8 = timezone(timedelta(hours=8))
+REQ = ("r-1", "M1", "H3", 1, date(2018, 9, 30), 19095190, 321936, 0, 1376414, 5)
+PLAIN = [   # what a Settle of the C path sends and gets back: written as plain values
+    SettleJob(BatchItem("H3", "r-1", "ab" * 32, "M1", 2018), REQ, b"\x0a\x03r-1"),
+    SettleJob(BatchItem("H3", "r-2", "cd" * 32, "M1", 2018, "S1"), REQ, b""),
+    (True, SettleResult(_record(datetime(2026, 12, 7, 18, 30, 0, 123456, UTC8)), True)),
+    (True, SettleResult(_record(datetime(2026, 12, 7, 10, 30, 1, 5),
+                                datetime(2026, 12, 8, 1, 2, 3, 999999)), False)),
+    (True, SettleResult(_record(None), True)),
+]
+PICKLED = [  # anything else: pickled as before
+    SettleJob(BatchItem("H3", "r-1", "ab" * 32, "M1", 2018), None, b"", chain_fen=0,
+              call=("a", "validated", "call")),
+    SettleJob(BatchItem("H3", "r-1", "ab" * 32, "M1", 2018), REQ, b"", chain_fen=7),
+    (True, SettleResult(_record(None, deltas=OrderedDict(a=(1, 2))), True)),
+    (False, Conflict("request id 'r'")),
+    b"ready",
+]
+
+
+@pytest.mark.parametrize("msg", PLAIN + PICKLED, ids=lambda m: type(m).__name__)
+def test_a_message_between_the_processes_arrives_as_sent(msg):
+    body = writer_mod._encode(msg)
+    assert body[:1] == (b"M" if any(msg is m for m in PLAIN) else b"P")
+    back = writer_mod._decode(body)
+    assert type(back) is type(msg)
+    if isinstance(msg, tuple) and msg and msg[0] is False:
+        assert type(back[1]) is type(msg[1]) and str(back[1]) == str(msg[1])
+    else:
+        assert back == msg
+    if type(msg) is SettleJob and msg.req is not None:
+        assert type(back.item) is BatchItem and type(back.req[4]) is date
+    if type(msg) is tuple and msg[0] is True:
+        rec = back[1].record
+        assert type(rec) is SettlementRecord
+        assert rec.created_at == msg[1].record.created_at
+        if rec.created_at is not None:
+            assert rec.created_at.utcoffset() == msg[1].record.created_at.utcoffset()
 
 
 def test_a_writer_without_a_free_channel_leaves_the_call_to_the_server():
