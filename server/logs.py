@@ -1,8 +1,8 @@
 """The service's log: one JSON object per line on stderr, written by one thread.
 
 ``setup_logging`` installs ``BufferedLineHandler`` with ``JsonFormatter`` on the root logger;
-``info`` is the per-call line's fast way in; ``stop_logging`` writes out what is left (at exit,
-and in the supervisor before it forks workers).
+``info_of`` (and ``info``) is the per-call line's fast way in; ``stop_logging`` writes out what
+is left (at exit, and in the supervisor before it forks workers).
 """
 from __future__ import annotations
 
@@ -80,7 +80,7 @@ def setup_logging(level: str) -> None:
 
 class BufferedLineHandler(logging.Handler):
     """Log lines written out by one thread every 20 ms: records formatted by the thread that
-    logs, the per-call lines of ``info`` by the writer itself.
+    logs, the per-call lines of ``info_of`` built and formatted by the writer itself.
 
     One write to stderr per line, under the handler's lock, made the threads serving calls
     queue behind each other (the GIL is let go during the write and the lock is not): about

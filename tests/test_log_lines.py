@@ -1,4 +1,5 @@
-"""The service's log handler: lines formatted by the calling thread, written by one writer."""
+"""The service's log handler: records formatted by the calling thread, per-call lines queued by
+it and built and formatted by the one writer, which writes them all."""
 from __future__ import annotations
 
 import io
