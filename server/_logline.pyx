@@ -1,10 +1,10 @@
 # cython: language_level=3
-"""The JSON text of a log line's fields, in C: ``server.logs.JsonFormatter.line`` writes one
-such line per call, and in Python its per-field work was a large part of what a PreSettle
-costs the server besides gRPC (docs/performance.md, "2026-12-07, second pass").
+"""A log line's JSON text, in C: ``server.logs.JsonFormatter.line`` writes one such line per
+call, and in Python its per-field work was a large part of what a PreSettle costs the server
+besides gRPC (docs/performance.md, "2026-12-07, second pass").
 
-``line`` writes the fields as ``"".join(f", {json.dumps(k)}: {json.dumps(v)}" ...)`` with
-``ensure_ascii=False`` would. Keys and values that are their own JSON text (an ASCII string of
+``line`` writes what ``json.dumps`` of the line's dict writes with ``ensure_ascii=False``. Keys
+and values that are their own JSON text (an ASCII string of
 printable characters without quote or backslash, an int, a finite float) are copied into one
 buffer; a line with any other key or value is written item by item, that item by
 ``json.dumps``, which raises where it would. tests/test_log_lines.py holds both to json.dumps.
@@ -54,7 +54,6 @@ cdef Py_ssize_t _put_value(char* buf, Py_ssize_t at, object v):
     """The JSON text of ``v`` at ``at``; -1 where it is not one copied as is (or no room)."""
     cdef type t = type(v)
     cdef str s
-    cdef bytes b
     cdef double d
     cdef char* txt
     cdef Py_ssize_t n
@@ -117,26 +116,29 @@ cdef str _fields_slow(dict fields):
     return "".join(parts)
 
 
-def line(str second, int millis, str head, dict fields) -> str:
-    """``{"ts": "<second>.<millis>Z"<head>, "key": value, ...}``: ``second`` the timestamp
-    to the second, ``millis`` 0-999, ``head`` JSON text, ``fields`` as json.dumps writes
-    them with ``ensure_ascii=False``."""
+def line(str second, int millis, str level, str logger, dict fields) -> str:
+    """``{"ts": "<second>.<millis>Z", "level": level, "logger": logger, "key": value, ...}``
+    as json.dumps writes it with ``ensure_ascii=False``: ``second`` the timestamp to the
+    second (ASCII), ``millis`` 0-999."""
     cdef char buf[CAP]
     cdef char ms[5]
+    cdef Py_ssize_t at
     ms[0] = 46   # '.'
     ms[1] = 48 + millis // 100
     ms[2] = 48 + millis // 10 % 10
     ms[3] = 48 + millis % 10
     ms[4] = 90   # 'Z'
-    if not (PyUnicode_IS_ASCII(second) and PyUnicode_IS_ASCII(head)):
-        return f'{{"ts": "{second}.{millis:03d}Z"{head}{_fields_slow(fields)}}}'
-    cdef Py_ssize_t at = _put(buf, 0, '{"ts": "', 8)
-    at = _put(buf, at, <const char*>PyUnicode_DATA(second), PyUnicode_GET_LENGTH(second))
-    at = _put(buf, at, ms, 5)
-    at = _put(buf, at, '"', 1)
-    at = _put(buf, at, <const char*>PyUnicode_DATA(head), PyUnicode_GET_LENGTH(head))
-    at = _put_fields(buf, at, fields)
-    at = _put(buf, at, "}", 1)
-    if at >= 0:
-        return PyUnicode_FromStringAndSize(buf, at)
-    return (f'{{"ts": "{second}.{millis:03d}Z"{head}{_fields_slow(fields)}}}')
+    if PyUnicode_IS_ASCII(second):
+        at = _put(buf, 0, '{"ts": "', 8)
+        at = _put(buf, at, <const char*>PyUnicode_DATA(second), PyUnicode_GET_LENGTH(second))
+        at = _put(buf, at, ms, 5)
+        at = _put(buf, at, '", "level": ', 12)
+        at = _put_value(buf, at, level)
+        at = _put(buf, at, ', "logger": ', 12)
+        at = _put_value(buf, at, logger)
+        at = _put_fields(buf, at, fields)
+        at = _put(buf, at, "}", 1)
+        if at >= 0:
+            return PyUnicode_FromStringAndSize(buf, at)
+    return (f'{{"ts": "{second}.{millis:03d}Z", "level": {_text(level)}, '
+            f'"logger": {_text(logger)}{_fields_slow(fields)}}}')

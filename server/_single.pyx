@@ -544,11 +544,6 @@ cdef class ClaimContext:
                          else 99999999)
         self._plan = None
 
-    def covers(self, day) -> bool:
-        """The member is covered on ``day`` (``MemberRecord.not_covered_on`` is None)."""
-        cdef int64_t ymd = _ymd(day)
-        return self.first_ymd <= ymd <= self.last_ymd
-
     def settle(self, plan, tuple req, bint pre):
         """``settle`` of ``req`` in this context under ``plan`` (``server.fastpath.Plan``, the
         policy in force on the service day); None where the member is not covered then, or

@@ -46,6 +46,7 @@ from datetime import date, datetime
 from typing import Any
 
 from server.ledger.base import BatchItem, LedgerUnavailable, SettlementRecord, SettleResult
+from server.service import SettleJob
 
 log = logging.getLogger("reimburse.server")
 
@@ -103,17 +104,7 @@ def _decode(body: bytes) -> Any:
             *fields, None if created_at is None else datetime.fromisoformat(created_at),
             None if reversed_at is None else datetime.fromisoformat(reversed_at)), created)
     item, req, data = rest
-    return _settle_job()(BatchItem(*item), (*req[:4], date.fromordinal(req[4]), *req[5:]), data)
-
-
-_SETTLE_JOB: list = []
-
-
-def _settle_job() -> type:
-    if not _SETTLE_JOB:    # server.service, imported where it is first needed (it uses us)
-        from server.service import SettleJob
-        _SETTLE_JOB.append(SettleJob)
-    return _SETTLE_JOB[0]
+    return SettleJob(BatchItem(*item), (*req[:4], date.fromordinal(req[4]), *req[5:]), data)
 
 
 def _send(ch: socket.socket, obj: Any) -> None:

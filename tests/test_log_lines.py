@@ -74,10 +74,10 @@ def test_a_line_is_json_dumps_text_of_its_fields(fields, logger, created):
 
 
 def test_a_deferred_line_is_written_in_order_and_never_lost(monkeypatch):
-    # logs.info and info_of queue the fields (or what makes them) and the writer builds and
-    # formats them: the lines come out in the order they were logged, records and deferred
-    # lines alike; a value JSON cannot write is written as its repr, and fields that fail to
-    # be built as an error line, rather than the line being dropped
+    # logs.info_of queues what makes the fields and the writer builds and formats them: the
+    # lines come out in the order they were logged, records and deferred lines alike; a value
+    # JSON cannot write is written as its repr, and fields that fail to be built as an error
+    # line, rather than the line being dropped
     from server import logs
     out = io.StringIO()
     handler = BufferedLineHandler(out, interval=3600)
@@ -88,9 +88,9 @@ def test_a_deferred_line_is_written_in_order_and_never_lost(monkeypatch):
     monkeypatch.setattr(logs, "_LOG_HANDLER", handler)
     log = logging.getLogger("test.deferred")
     try:
-        logs.info(log, {"event": "rpc", "n": 1})
+        logs.info_of(log, dict, {"event": "rpc", "n": 1})
         log.warning({"event": "direct"})
-        logs.info(log, {"event": "rpc", "odd": {1, 2}})
+        logs.info_of(log, dict, {"event": "rpc", "odd": {1, 2}})
         logs.info_of(log, lambda name, n: {"event": name, "n": n + 1}, "made", 2)
 
         def broken(n):
