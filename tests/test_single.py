@@ -217,8 +217,16 @@ def test_what_the_c_path_leaves_to_the_general_one():
     parsed = _single.parse_settle(req.SerializeToString())
     def wire(member):
         return fastpath._wire_settle(core, parsed, fastpath.claim_context(member, f, acc, 0), True)
+    day, one = parsed[4], timedelta(days=1)
+    assert m.continuous_since <= day and m.benefit_start is None and m.benefit_end is None
     assert wire(m) is not None
-    assert wire(replace(m, continuous_since=parsed[4] + timedelta(days=1))) is None  # not covered
+    # not covered (service.check_covered): the contribution run or the benefit period, to the day
+    assert wire(replace(m, continuous_since=day + one)) is None
+    assert wire(replace(m, continuous_since=day)) is not None
+    assert wire(replace(m, benefit_start=day + one)) is None
+    assert wire(replace(m, benefit_start=day)) is not None
+    assert wire(replace(m, benefit_end=day - one)) is None
+    assert wire(replace(m, benefit_end=day)) is not None
     assert wire(replace(m, region="nowhere")) is None   # no policy
     assert fastpath.pre_settle_wire(core, parsed) is None   # nobody registered in this ledger
 
