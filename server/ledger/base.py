@@ -220,8 +220,9 @@ class Ledger(Protocol):
     def accumulators(self, member_id: str, year: int) -> Accumulators: ...
     def reads(self) -> "Ledger":
         """The three reads above for one call (may answer from a cache checked once), and
-        BulkReads' two."""
+        BulkReads' two and ``derived``."""
         ...
+    def derived(self, key: tuple, build: Callable[[], Any]) -> Any: ...  # BulkReads.derived
 
     def settle(self, *, facility_id: str, request_id: str, request_hash: str, member_id: str,
                year: int, evaluate: Callable[[MemberState], Outcome],
