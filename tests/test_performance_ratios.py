@@ -60,7 +60,7 @@ class Goal:
 
 
 GOALS = (
-    # 0.77-0.83 in the guard since the claim context and the log line in C (docs/performance.md,
+    # 0.77-0.93 in the guard since the claim context and the log line in C (docs/performance.md,
     # "2026-12-07, second pass"), 0.69-0.84 in harness runs: not reliably at the goal
     Goal("presettle_vs_echo", 0.80, 0.70, True,
          "PreSettle calls/s over echo calls/s, 64 in flight, one process"),
