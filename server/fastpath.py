@@ -152,20 +152,20 @@ def plan_for(policy: Policy) -> Plan:
     return p
 
 
-_DAY_PLANS: dict[tuple[int, str, date], tuple[object, Plan]] = {}
+_DAY_PLANS: dict[tuple[object, str, date], Plan] = {}   # (store, region, day): the store
+# itself in the key (hashed by identity), so that another store never finds this one's plans
 
 
 def plan_on(policies, region: str, day: date) -> Plan:
     """``plan_for(policies.policy_for(region, day))``, remembered per (region, day): a store's
     files do not change once loaded. NoPolicyInForce as ``policy_for``."""
-    key = (id(policies), region, day)
-    got = _DAY_PLANS.get(key)
-    if got is not None and got[0] is policies:
-        return got[1]
-    plan = plan_for(policies.policy_for(region, day))
-    if len(_DAY_PLANS) >= 4096:
-        _DAY_PLANS.clear()
-    _DAY_PLANS[key] = (policies, plan)
+    key = (policies, region, day)
+    plan = _DAY_PLANS.get(key)
+    if plan is None:
+        plan = plan_for(policies.policy_for(region, day))
+        if len(_DAY_PLANS) >= 4096:
+            _DAY_PLANS.clear()
+        _DAY_PLANS[key] = plan
     return plan
 
 
