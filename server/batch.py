@@ -673,13 +673,6 @@ class BatchService:
             from server.errors import DeadlinePassed
             raise DeadlinePassed("the call's deadline passed before it was settled")
         ledger = self.core.ledger
-        reads = ledger.reads()
-        facilities = {}
-        for fid in batch.facility_ids:
-            try:
-                facilities[fid] = reads.get_facility(fid)
-            except NotFound:
-                facilities[fid] = None
         c = batch.cols
         # A malformed claim is refused before its request id is looked at, as Settle does.
         codes = zeros(batch.n)
@@ -701,8 +694,9 @@ class BatchService:
         box: dict = {}
 
         def run(state):
-            present = {fid: (facilities.get(fid) if fid in state.facilities else None)
-                       for fid in batch.facility_ids}
+            # the facilities as the transaction reads them: a batch commits every few ms,
+            # so the read cache, dropped on each commit, would miss them anyway
+            present = {fid: state.facilities.get(fid) for fid in batch.facility_ids}
             # replays and conflicts are the ledger's; refusals found before keep their error
             skip = [not x for x in state.new]
             ev = evaluate(batch, self.core.policies, state.members, present,

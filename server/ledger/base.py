@@ -151,13 +151,13 @@ class BatchState:
 
     ``new[i]``: item i is to be evaluated (neither refused before, nor a replay, nor a
     conflict). ``members``: the records of the new items' members (None if not registered),
-    ``accumulators[(member, year)]`` their member-years, ``facilities``: the ids registered
-    among the new items'."""
+    ``accumulators[(member, year)]`` their member-years, ``facilities``: the records of the
+    registered ones among the new items' facilities, read in the same transaction."""
 
     new: list[bool]
     members: dict[str, MemberRecord | None]
     accumulators: dict[tuple[str, int], Accumulators]
-    facilities: set[str]
+    facilities: dict[str, FacilityRecord]
 
 
 def replay_or_conflict(rec: SettlementRecord, request_hash: str) -> SettleResult | Conflict:

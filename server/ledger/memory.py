@@ -171,7 +171,8 @@ class MemoryLedger(BulkReads):
                         paid, base = self._acc.get((it.member_id, it.year), ({}, {}))
                         acc[(it.member_id, it.year)] = Accumulators(it.year, dict(paid),
                                                                     dict(base))
-                facilities = {it.facility_id for i, it in enumerate(items)
+                facilities = {it.facility_id: self._facilities[it.facility_id]
+                              for i, it in enumerate(items)
                               if new[i] and it.facility_id in self._facilities}
             outcomes = evaluate(BatchState(new, members, acc, facilities))
             with self._lock:

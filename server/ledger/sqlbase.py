@@ -357,12 +357,8 @@ class SqlLedger(BulkReads):
                         self._check_referral(cur, it.member_id, it.referral_from)
                     except ReferralReversed as e:
                         new[i], results[i] = False, e
-            fids = sorted({it.facility_id for i, it in enumerate(items) if new[i]})
-            facilities = set()
-            for chunk in _chunks(fids):
-                facilities.update(r[0] for r in self._x(
-                    cur, f"SELECT facility_id FROM facilities WHERE facility_id IN "
-                         f"({', '.join('?' * len(chunk))})", tuple(chunk)).fetchall())
+            facilities = self._facilities_in(
+                cur, {it.facility_id for i, it in enumerate(items) if new[i]})
             years = sorted({(it.member_id, it.year) for i, it in enumerate(items)
                             if new[i] and it.member_id in rows})
             acc = {my: self._accumulators(cur, *my) for my in years}
