@@ -359,9 +359,11 @@ class SqlLedger(BulkReads):
                         new[i], results[i] = False, e
             facilities = self._facilities_in(
                 cur, {it.facility_id for i, it in enumerate(items) if new[i]})
-            years = sorted({(it.member_id, it.year) for i, it in enumerate(items)
-                            if new[i] and it.member_id in rows})
-            acc = {my: self._accumulators(cur, *my) for my in years}
+            # one query for the batch's member-years: one per member-year was a round trip
+            # each on PostgreSQL
+            acc = self._accumulators_in(cur, {(it.member_id, it.year)
+                                              for i, it in enumerate(items)
+                                              if new[i] and it.member_id in rows})
             outcomes = evaluate(BatchState(new, members, acc, facilities))
             now = self._now()
             balance = {mid: (m.account_balance_fen, int(rows[mid][13]))
