@@ -2,6 +2,8 @@
 
     python -m benchmarks.writer                       # in process: 60 batches, one at a time
     python -m benchmarks.writer --settles 200         # in process: 200 groups of 16 Settles
+    python -m benchmarks.writer --postgres postgresql://postgres@127.0.0.1:5432/test --batches 20
+        # the batches on PostgreSQL (a scratch database, dropped afterwards): claims/s only
     python -m benchmarks.writer --serve -- --insecure --listen 127.0.0.1:50061 --database /tmp/w.db
         # a server (python -m server's arguments after --); drive it, e.g.
         #   python -m benchmarks.load --target 127.0.0.1:50061 --modes batch-settle \\
@@ -124,7 +126,10 @@ def _populate(ledger: SqliteLedger, members: int):
     return pop
 
 
-def in_process(members: int, batches: int) -> str:
+def _settle_batches(ledger, members: int, batches: int, before_measure=lambda: None) -> float:
+    """Seconds ``BatchService.settle`` took for ``batches`` 1000-claim batches of synthetic
+    claims (every request id new) on ``ledger``, populated with ``members`` members, after three
+    unmeasured ones; ``before_measure`` runs just before the clock starts."""
     from benchmarks import batchload
     from engine.loader import store
     from server import _wire, batch
@@ -134,28 +139,59 @@ def in_process(members: int, batches: int) -> str:
         def time_remaining(self):
             return None
 
+    pop = _populate(ledger, members)
+    service = batch.BatchService(Core(ledger, store()))
+    inner = [batchload.batch_columns(pop, 1000, 100, 7 + v).SerializeToString()
+             for v in range(8)]
+    calls = [batch.RawBatch(_wire.length_delimited(1, inner[i % 8] + _wire.strings(
+        13, [f"w-{i}-{k}" for k in range(1000)]))) for i in range(batches + 3)]
+    for call in calls[:3]:
+        service.settle(call, Context())
+    before_measure()
+    t = time.perf_counter()
+    for call in calls[3:]:
+        service.settle(call, Context())
+    return time.perf_counter() - t
+
+
+def in_process(members: int, batches: int) -> str:
     timings = Timings()
     instrument(timings)
     with tempfile.TemporaryDirectory() as d:
         ledger = SqliteLedger(Path(d) / "ledger.db")
         try:
-            pop = _populate(ledger, members)
-            service = batch.BatchService(Core(ledger, store()))
-            inner = [batchload.batch_columns(pop, 1000, 100, 7 + v).SerializeToString()
-                     for v in range(8)]
-            calls = [batch.RawBatch(_wire.length_delimited(1, inner[i % 8] + _wire.strings(
-                13, [f"w-{i}-{k}" for k in range(1000)]))) for i in range(batches + 3)]
-            for call in calls[:3]:
-                service.settle(call, Context())
-            timings.__init__()
-            t = time.perf_counter()
-            for call in calls[3:]:
-                service.settle(call, Context())
-            elapsed = time.perf_counter() - t
+            elapsed = _settle_batches(ledger, members, batches, timings.__init__)
         finally:
             ledger.close()
     return (f"{batches * 1000 / elapsed:,.0f} claims/s, {elapsed / batches * 1e3:.2f} ms a "
             f"batch in all\n" + timings.report())
+
+
+def on_postgres(admin_url: str, members: int, batches: int) -> str:
+    """The batches of ``in_process`` on a PostgreSQL ledger, in a scratch database made
+    through ``admin_url`` and dropped afterwards (claims/s only: no statement timings)."""
+    import secrets
+    from urllib.parse import urlsplit, urlunsplit
+
+    import psycopg
+
+    from server.ledger.postgres import PostgresLedger
+    u = urlsplit(admin_url)
+    if u.hostname not in ("127.0.0.1", "localhost", "::1"):
+        raise SystemExit("--postgres must be on 127.0.0.1 (benchmarks stay on this machine)")
+    name = f"reimburse_bench_{secrets.token_hex(4)}"
+    with psycopg.connect(admin_url, autocommit=True) as admin:
+        admin.execute(f'CREATE DATABASE "{name}"')
+        try:
+            ledger = PostgresLedger(urlunsplit((u.scheme, u.netloc, "/" + name, u.query, "")))
+            try:
+                elapsed = _settle_batches(ledger, members, batches)
+            finally:
+                ledger.close()
+        finally:
+            admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    return (f"PostgreSQL: {batches * 1000 / elapsed:,.0f} claims/s, "
+            f"{elapsed / batches * 1e3:.2f} ms a batch in all")
 
 
 def settle_groups(members: int, groups: int, size: int = 16) -> str:
@@ -222,9 +258,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batches", type=int, default=60, help="in process (%(default)s)")
     ap.add_argument("--settles", type=int, metavar="GROUPS", default=0,
                     help="in process: GROUPS groups of 16 single settlements instead of batches")
+    ap.add_argument("--postgres", metavar="ADMIN_URL",
+                    help="in process: the batches on PostgreSQL, in a scratch database made "
+                         "through ADMIN_URL (e.g. postgresql://postgres@127.0.0.1:5432/test)")
     args = ap.parse_args(argv[:argv.index("--")] if "--" in argv else argv)
     if args.settles and not args.serve:
         print(settle_groups(args.members, args.settles))
+        return 0
+    if args.postgres and not args.serve:
+        print(on_postgres(args.postgres, args.members, args.batches))
         return 0
     if not args.serve:
         print(in_process(args.members, args.batches))

@@ -430,14 +430,19 @@ class SqlLedger(BulkReads):
                 "UPDATE members SET account_balance_fen = ?, account_seq = ? "
                 "WHERE member_id = ?"), [(b, q, mid) for mid, (b, q) in last.items()])
 
+    def _in(self, column: str, ids: list) -> Iterator[tuple[str, tuple]]:
+        """``column`` among ``ids`` as pieces of SQL and their parameters: ``IN (?, …)`` of
+        at most 512 ids each (``_chunks``). PostgreSQL's ledger makes one array of them."""
+        for chunk in _chunks(ids):
+            yield f"{column} IN ({', '.join('?' * len(chunk))})", tuple(chunk)
+
     def _members_in(self, cur, member_ids) -> dict[str, Row]:
         """The rows of the registered ones of ``member_ids``, locked as ``_lock_member``
         locks one (in id order: two writers never wait on each other crosswise)."""
         rows = {}
-        for chunk in _chunks(sorted(member_ids)):
-            for r in self._x(cur, f"SELECT {MEMBER_COLS} FROM members WHERE member_id IN "
-                                  f"({', '.join('?' * len(chunk))}) ORDER BY member_id"
-                             + self.FOR_UPDATE, tuple(chunk)).fetchall():
+        for cond, params in self._in("member_id", sorted(member_ids)):
+            for r in self._x(cur, f"SELECT {MEMBER_COLS} FROM members WHERE {cond} "
+                                  "ORDER BY member_id" + self.FOR_UPDATE, params).fetchall():
                 rows[r[0]] = r
         return rows
 
@@ -515,19 +520,18 @@ class SqlLedger(BulkReads):
             by_facility.setdefault(fid, []).append(rid)
         out = {}
         for fid, rids in by_facility.items():
-            for chunk in _chunks(rids):
+            for cond, params in self._in("request_id", rids):
                 for r in self._x(cur, f"SELECT {SETTLEMENT_COLS} FROM settlements "
-                                      f"WHERE facility_id = ? AND request_id IN "
-                                      f"({', '.join('?' * len(chunk))})",
-                                 (fid, *chunk)).fetchall():
+                                      f"WHERE facility_id = ? AND {cond}",
+                                 (fid, *params)).fetchall():
                     out[(r[1], r[2])] = self._settlement(r)
         return out
 
     def _facilities_in(self, cur, facility_ids) -> dict[str, FacilityRecord]:
         out = {}
-        for chunk in _chunks(sorted(facility_ids)):
-            for r in self._x(cur, f"SELECT {FACILITY_COLS} FROM facilities WHERE facility_id "
-                                  f"IN ({', '.join('?' * len(chunk))})", tuple(chunk)).fetchall():
+        for cond, params in self._in("facility_id", sorted(facility_ids)):
+            for r in self._x(cur, f"SELECT {FACILITY_COLS} FROM facilities WHERE {cond}",
+                             params).fetchall():
                 out[r[0]] = _facility_record(r)
         return out
 
@@ -535,11 +539,10 @@ class SqlLedger(BulkReads):
         """``_accumulators`` of each (member id, year) of ``keys``."""
         paid: dict[tuple[str, int], dict] = {k: {} for k in keys}
         base: dict[tuple[str, int], dict] = {k: {} for k in keys}
-        for chunk in _chunks(sorted({mid for mid, _ in keys})):
+        for cond, params in self._in("member_id", sorted({mid for mid, _ in keys})):
             for r in self._x(cur, "SELECT member_id, year, layer_id, paid_fen, base_fen "
-                                  f"FROM accumulators WHERE member_id IN "
-                                  f"({', '.join('?' * len(chunk))}) "
-                                  "ORDER BY member_id, year, layer_id", tuple(chunk)).fetchall():
+                                  f"FROM accumulators WHERE {cond} "
+                                  "ORDER BY member_id, year, layer_id", params).fetchall():
                 k = (r[0], int(r[1]))
                 if k in paid:
                     paid[k][r[2]] = int(r[3])
