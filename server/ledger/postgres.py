@@ -54,9 +54,10 @@ class PostgresLedger(SqlLedger):
 
     def _in(self, column: str, ids: list) -> Iterator[tuple[str, tuple]]:
         # One array parameter: one statement text whatever the number of ids, which psycopg
-        # prepares once; IN lists made a text to parse and plan per length (a 1000-claim
-        # batch's key lookups took 40 ms, docs/performance.md "PostgreSQL batches").
-        yield f"{column} = ANY(?)", (list(ids),)
+        # prepares once, where each length of IN list was a text to parse and plan again
+        # (docs/performance.md, 2026-12-07 third pass, "PostgreSQL batches").
+        if ids:
+            yield f"{column} = ANY(?)", (list(ids),)
 
     def _write_journal(self, cur, inserts: list, added: dict, moves: list) -> None:
         # a batch's journal rows by COPY: one stream, where executemany sent a statement each
