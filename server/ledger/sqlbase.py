@@ -554,10 +554,10 @@ class SqlLedger(BulkReads):
         by_facility: dict[str, list[str]] = {}
         for fid, rid in keys:
             by_facility.setdefault(fid, []).append(rid)
-        return any(self._x(cur, f"SELECT 1 FROM settlements WHERE facility_id = ? AND "
-                                f"request_id IN ({', '.join('?' * len(chunk))}) LIMIT 1",
-                           (fid, *chunk)).fetchone()
-                   for fid, rids in by_facility.items() for chunk in _chunks(rids))
+        return any(self._x(cur, f"SELECT 1 FROM settlements WHERE facility_id = ? AND {cond} "
+                                "LIMIT 1", (fid, *params)).fetchone()
+                   for fid, rids in by_facility.items()
+                   for cond, params in self._in("request_id", rids))
 
     def reverse(self, *, settlement_id: str, facility_id: str) -> SettlementRecord:
         def check(rec: SettlementRecord | None) -> SettlementRecord:
