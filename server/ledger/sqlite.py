@@ -22,6 +22,13 @@ before it, so the state a ``settle`` reads is still the state it commits over. `
 queues several settlements at once, for one group: the settlement writer process
 (``server.writer``), where the server's ``Settle`` calls commit, hands on its callers' claims so.
 
+Checkpoints: a thread of their own copies the committed WAL into the database file
+(``_checkpoint_loop``: a PASSIVE checkpoint after commits, at most every
+``CHECKPOINT_PAUSE_S``), so that no group waits inside its COMMIT for SQLite's automatic
+checkpoint; the committer's connection checkpoints itself only past ``CHECKPOINT_BACKSTOP``
+pages of WAL. A checkpoint copies what is already durable in the WAL: one that fails loses
+nothing, and the next one (or the backstop) copies it.
+
 Reads run in parallel on pooled connections (WAL snapshots). Registry records and accumulators
 read outside a transaction are cached, and the cache is dropped whenever anything committed, in
 this process or another. What tells: the header of the WAL index, the ``-shm`` file that every
@@ -39,6 +46,7 @@ import mmap
 import os
 import sqlite3
 import threading
+import time
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from typing import Any, Callable, Iterator
@@ -52,6 +60,8 @@ from server.ledger.base import (
 from server.ledger.sqlbase import SqlLedger
 
 CACHE_MAX = 200_000   # entries; the cache is simply dropped when it grows past this
+CHECKPOINT_PAUSE_S = 0.05    # the checkpointer's rest after each checkpoint
+CHECKPOINT_BACKSTOP = 16384  # WAL pages past which the committer checkpoints itself
 WAL_INDEX_HEADER = 48  # bytes: the first copy of the wal-index header (walformat.html 2.1)
 
 
@@ -101,6 +111,11 @@ class SqliteLedger(SqlLedger):
         self._committer = threading.Thread(target=self._commit_loop, daemon=True,
                                            name=f"ledger-commit-{os.path.basename(self.path)}")
         self._committer.start()
+        # WAL checkpoints, off the committer's path (``_checkpoint_loop``)
+        self._committed = threading.Event()
+        self._checkpointer: threading.Thread | None = None
+        self.checkpoints = 0           # statistics: checkpoints run, and failed
+        self.checkpoint_errors = 0
         # read cache, validated by data_version of connections that never write (one per
         # thread: a shared one behind a lock made a convoy of the threads serving calls)
         self._cache_on = cache
@@ -238,6 +253,7 @@ class SqliteLedger(SqlLedger):
         try:
             if self._wconn is None:
                 self._wconn = self._connect()
+                self._wconn.execute(f"PRAGMA wal_autocheckpoint={CHECKPOINT_BACKSTOP}")
             c = self._wconn
             cur = c.cursor()
             c.execute("BEGIN IMMEDIATE")
@@ -266,6 +282,12 @@ class SqliteLedger(SqlLedger):
                     else:
                         unit.result, unit.ok = r, True
             self._commit(c)
+            self._committed.set()
+            if self._checkpointer is None:
+                self._checkpointer = threading.Thread(
+                    target=self._checkpoint_loop, daemon=True,
+                    name=f"ledger-checkpoint-{os.path.basename(self.path)}")
+                self._checkpointer.start()
             self.groups_committed += 1
             self.units_committed += sum(u.ok for u in group)
         except BaseException as e:
@@ -307,6 +329,33 @@ class SqliteLedger(SqlLedger):
             yield run, lambda cur, run=run: self.settle_run(
                 cur, [u.item for u in run], [u.evaluate for u in run])
             i = j
+
+    def _checkpoint_loop(self) -> None:
+        """Copy committed WAL frames into the database file, after commits, at most every
+        ``CHECKPOINT_PAUSE_S``. SQLite's own checkpoint would run inside a COMMIT every 1000
+        pages, and every unit of the group would wait through its writes and fsync of the
+        database file; a PASSIVE checkpoint on another connection waits for no writer or
+        reader and blocks none. The committer's connection keeps SQLite's automatic
+        checkpoint at ``CHECKPOINT_BACKSTOP`` pages in case this one falls behind or fails."""
+        c = None
+        while True:
+            self._committed.wait()
+            if self._stopping:
+                break
+            self._committed.clear()
+            try:
+                if c is None:
+                    c = self._connect()
+                c.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchall()
+                self.checkpoints += 1
+            except sqlite3.Error:       # the frames stay in the WAL; a new connection next time
+                self.checkpoint_errors += 1
+                if c is not None:
+                    c.close()
+                    c = None
+            time.sleep(CHECKPOINT_PAUSE_S)
+        if c is not None:
+            c.close()
 
     def _commit(self, c: sqlite3.Connection) -> None:
         """COMMIT the group (one fsync). A separate method so that tests can make it fail."""
@@ -405,6 +454,9 @@ class SqliteLedger(SqlLedger):
             self._cv.notify_all()
         if self._committer.is_alive() and threading.current_thread() is not self._committer:
             self._committer.join()
+        self._committed.set()
+        if self._checkpointer is not None and self._checkpointer.is_alive():
+            self._checkpointer.join()
         with self._pool_lock:
             self._closed = True
             idle, self._idle = self._idle, []

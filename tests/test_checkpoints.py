@@ -1,0 +1,138 @@
+"""WAL checkpoints of the SQLite ledger run on a thread of their own, not inside the committer's
+COMMIT: a group's callers do not wait while SQLite copies the WAL into the database file."""
+from __future__ import annotations
+
+import sqlite3
+import struct
+import threading
+import time
+
+from ledger_fixtures import YEAR, facility, member, paying
+from server.ledger.sqlite import SqliteLedger
+from server.ledger.verify import verify
+
+BIG_PAGES = 1300   # one commit past SQLite's automatic checkpoint (1000 pages by default)
+
+
+def _wal_frames(ledger: SqliteLedger) -> tuple[int, int]:
+    """(frames in the WAL, frames of them copied into the database) from the WAL index
+    (https://www.sqlite.org/walformat.html 2.1: mxFrame at byte 16, nBackfill at byte 96)."""
+    with open(ledger.path + "-shm", "rb") as f:
+        head = f.read(100)
+    return struct.unpack_from("=I", head, 16)[0], struct.unpack_from("=I", head, 96)[0]
+
+
+def _write_big(ledger: SqliteLedger) -> None:
+    """One unit of work writing more than BIG_PAGES pages."""
+    def fn(cur):
+        cur.executemany("INSERT INTO facilities (facility_id, level, designated, district, "
+                        "name, updated_at) VALUES (?, 'LEVEL_2', 1, 'd', ?, 't')",
+                        [(f"BIG{k}", "x" * 3500) for k in range(BIG_PAGES)])
+    ledger._run(fn)
+
+
+def _until(cond, seconds: float = 10.0) -> bool:
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        if cond():
+            return True
+        time.sleep(0.01)
+    return cond()
+
+
+def test_the_committer_leaves_checkpoints_to_the_checkpointer(tmp_path, monkeypatch):
+    gate = threading.Event()
+    run = SqliteLedger._checkpoint_loop
+
+    def held(self):
+        gate.wait(10)
+        run(self)
+    monkeypatch.setattr(SqliteLedger, "_checkpoint_loop", held)
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        _write_big(ledger)
+        frames, copied = _wal_frames(ledger)
+        # SQLite's automatic checkpoint in the COMMIT would have copied them all by now
+        assert frames > BIG_PAGES and copied < frames
+        gate.set()
+        # then the checkpointer copies them (or the WAL has started over once they were)
+        assert _until(lambda: _wal_frames(ledger)[1] == _wal_frames(ledger)[0])
+        assert ledger.checkpoints >= 1
+    finally:
+        gate.set()
+        ledger.close()
+
+
+def test_settlements_and_reads_are_unchanged_while_checkpoints_run(tmp_path):
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        ledger.upsert_facility(facility("F1"))
+        for k in range(20):
+            ledger.upsert_member(member(f"M{k}", balance=1000))
+        _write_big(ledger)
+        for r in range(5):
+            for k in range(20):
+                ledger.settle(facility_id="F1", request_id=f"r{r}-{k}", request_hash="h",
+                              member_id=f"M{k}", year=YEAR,
+                              evaluate=paying(70, 10**6, account=30))
+        assert _until(lambda: ledger.checkpoints >= 1)
+        assert len(list(ledger.journal())) == 100
+        assert ledger.accumulators("M3", YEAR).paid_of("T1") == 5 * 70
+        assert ledger.get_member("M3").account_balance_fen == 1000 - 5 * 30
+        assert verify(ledger) == []
+    finally:
+        ledger.close()
+    # what was committed is in the file, whoever copied it there
+    reopened = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        assert len(list(reopened.journal())) == 100
+        assert verify(reopened) == []
+    finally:
+        reopened.close()
+
+
+def test_close_stops_the_checkpointer(tmp_path):
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    ledger.upsert_facility(facility("F1"))
+    assert _until(lambda: ledger.checkpoints >= 1)
+    checkpointer = ledger._checkpointer
+    assert checkpointer is not None and checkpointer.is_alive()
+    ledger.close()
+    assert not checkpointer.is_alive()
+
+
+def test_a_failing_checkpoint_loses_nothing(tmp_path, monkeypatch):
+    """A checkpoint that fails (here: every one) leaves the commits in the WAL, where every
+    reader finds them; the committer's own automatic checkpoint remains the backstop."""
+    real_connect = SqliteLedger._connect
+
+    class Refusing(sqlite3.Connection):
+        def execute(self, sql, *args):
+            if "wal_checkpoint" in sql:
+                raise sqlite3.OperationalError("disk I/O error")
+            return super().execute(sql, *args)
+
+    def connect(self, factory=sqlite3.Connection):
+        on_checkpointer = threading.current_thread().name.startswith("ledger-checkpoint-")
+        return real_connect(self, Refusing if on_checkpointer else factory)
+    monkeypatch.setattr(SqliteLedger, "_connect", connect)
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        ledger.upsert_facility(facility("F1"))
+        ledger.upsert_member(member("M1", balance=100))
+        for k in range(10):
+            ledger.settle(facility_id="F1", request_id=f"r{k}", request_hash="h",
+                          member_id="M1", year=YEAR, evaluate=paying(70, 10**6, account=5))
+        time.sleep(0.2)
+        assert ledger.checkpoints == 0 and ledger.checkpoint_errors >= 1
+        assert ledger.accumulators("M1", YEAR).paid_of("T1") == 700
+        assert ledger.get_member("M1").account_balance_fen == 50
+    finally:
+        ledger.close()
+    monkeypatch.undo()
+    reopened = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        assert len(list(reopened.journal())) == 10
+        assert verify(reopened) == []
+    finally:
+        reopened.close()
