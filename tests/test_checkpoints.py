@@ -136,3 +136,27 @@ def test_a_failing_checkpoint_loses_nothing(tmp_path, monkeypatch):
         assert verify(reopened) == []
     finally:
         reopened.close()
+
+
+def test_the_wal_stays_near_the_backstop_under_commits_that_never_pause(tmp_path, monkeypatch):
+    """A passive checkpoint never catches up with a committer that is always writing, and the
+    WAL starts over only once it is all copied: the committer's own checkpoint past
+    CHECKPOINT_BACKSTOP pages copies what is left, so the file stops growing there."""
+    from server.ledger import sqlite as sqlite_ledger
+    backstop, unit_pages = 200, 50
+    monkeypatch.setattr(sqlite_ledger, "CHECKPOINT_BACKSTOP", backstop)
+    ledger = SqliteLedger(tmp_path / "ledger.db")
+    try:
+        for k in range(120):              # 6,000 pages, one commit after another
+            ledger._run(lambda cur, k=k: cur.executemany(
+                "INSERT INTO facilities (facility_id, level, designated, district, name, "
+                "updated_at) VALUES (?, 'LEVEL_2', 1, 'd', ?, 't')",
+                [(f"U{k}-{j}", "x" * 3500) for j in range(unit_pages)]))
+        page = ledger._run(lambda cur: cur.execute("PRAGMA page_size").fetchone()[0], "read")
+        wal_pages = (tmp_path / "ledger.db-wal").stat().st_size // (page + 24)
+        # SQLite's default (1,000) or no backstop at all would leave a longer WAL
+        assert wal_pages <= 4 * backstop
+        assert ledger._run(lambda cur: cur.execute(
+            "SELECT count(*) FROM facilities").fetchone()[0], "read") == 120 * unit_pages
+    finally:
+        ledger.close()

@@ -61,7 +61,7 @@ from server.ledger.sqlbase import SqlLedger
 
 CACHE_MAX = 200_000   # entries; the cache is simply dropped when it grows past this
 CHECKPOINT_PAUSE_S = 0.05    # the checkpointer's rest after each checkpoint
-CHECKPOINT_BACKSTOP = 16384  # WAL pages past which the committer checkpoints itself
+CHECKPOINT_BACKSTOP = 4096   # WAL pages past which the committer checkpoints itself
 WAL_INDEX_HEADER = 48  # bytes: the first copy of the wal-index header (walformat.html 2.1)
 
 
