@@ -26,7 +26,7 @@ Checkpoints: a thread of their own copies the committed WAL into the database fi
 (``_checkpoint_loop``: a PASSIVE checkpoint after commits, at most every
 ``CHECKPOINT_PAUSE_S``), so that no group waits inside its COMMIT for SQLite's automatic
 checkpoint; the committer's connection checkpoints itself only past ``CHECKPOINT_BACKSTOP``
-pages of WAL. A checkpoint copies what is already durable in the WAL: one that fails loses
+pages of WAL, which copies what the thread has not yet and lets the WAL start over. A checkpoint copies what is already durable in the WAL: one that fails loses
 nothing, and the next one (or the backstop) copies it.
 
 Reads run in parallel on pooled connections (WAL snapshots). Registry records and accumulators
@@ -46,7 +46,6 @@ import mmap
 import os
 import sqlite3
 import threading
-import time
 from contextlib import contextmanager
 from datetime import date, datetime, timedelta
 from typing import Any, Callable, Iterator
@@ -113,6 +112,7 @@ class SqliteLedger(SqlLedger):
         self._committer.start()
         # WAL checkpoints, off the committer's path (``_checkpoint_loop``)
         self._committed = threading.Event()
+        self._closing = threading.Event()   # ends the checkpointer's rest at once
         self._checkpointer: threading.Thread | None = None
         self.checkpoints = 0           # statistics: checkpoints run, and failed
         self.checkpoint_errors = 0
@@ -336,11 +336,14 @@ class SqliteLedger(SqlLedger):
         pages, and every unit of the group would wait through its writes and fsync of the
         database file; a PASSIVE checkpoint on another connection waits for no writer or
         reader and blocks none. The committer's connection keeps SQLite's automatic
-        checkpoint at ``CHECKPOINT_BACKSTOP`` pages in case this one falls behind or fails."""
+        checkpoint at ``CHECKPOINT_BACKSTOP`` pages: under a steady load the committer writes
+        on while a passive checkpoint runs, so this one never finds the WAL all copied, and
+        SQLite starts the WAL over only then. The committer's own checkpoint copies the few
+        frames left (and everything, should this thread fail)."""
         c = None
         while True:
             self._committed.wait()
-            if self._stopping:
+            if self._closing.is_set():
                 break
             self._committed.clear()
             try:
@@ -353,7 +356,8 @@ class SqliteLedger(SqlLedger):
                 if c is not None:
                     c.close()
                     c = None
-            time.sleep(CHECKPOINT_PAUSE_S)
+            if self._closing.wait(CHECKPOINT_PAUSE_S):
+                break
         if c is not None:
             c.close()
 
@@ -454,6 +458,7 @@ class SqliteLedger(SqlLedger):
             self._cv.notify_all()
         if self._committer.is_alive() and threading.current_thread() is not self._committer:
             self._committer.join()
+        self._closing.set()
         self._committed.set()
         if self._checkpointer is not None and self._checkpointer.is_alive():
             self._checkpointer.join()
