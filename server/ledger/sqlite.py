@@ -26,8 +26,9 @@ Checkpoints: a thread of their own copies the committed WAL into the database fi
 (``_checkpoint_loop``: a PASSIVE checkpoint after commits, at most every
 ``CHECKPOINT_PAUSE_S``), so that no group waits inside its COMMIT for SQLite's automatic
 checkpoint; the committer's connection checkpoints itself only past ``CHECKPOINT_BACKSTOP``
-pages of WAL, which copies what the thread has not yet and lets the WAL start over. A checkpoint copies what is already durable in the WAL: one that fails loses
-nothing, and the next one (or the backstop) copies it.
+pages of WAL, which copies what the thread has not yet and lets the WAL start over. A
+checkpoint copies what is already durable in the WAL: one that fails loses nothing, and the
+next one (or the backstop) copies it.
 
 Reads run in parallel on pooled connections (WAL snapshots). Registry records and accumulators
 read outside a transaction are cached, and the cache is dropped whenever anything committed, in
