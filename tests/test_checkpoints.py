@@ -31,6 +31,17 @@ def _write_big(ledger: SqliteLedger) -> None:
     ledger._run(fn)
 
 
+def _reopened_holds(path, settlements: int) -> None:
+    """What was committed is in the file, whoever copied it there: a new ledger on it finds
+    every settlement, and the ledger's invariants hold."""
+    reopened = SqliteLedger(path)
+    try:
+        assert len(list(reopened.journal())) == settlements
+        assert verify(reopened) == []
+    finally:
+        reopened.close()
+
+
 def _until(cond, seconds: float = 10.0) -> bool:
     end = time.monotonic() + seconds
     while time.monotonic() < end:
@@ -82,13 +93,7 @@ def test_settlements_and_reads_are_unchanged_while_checkpoints_run(tmp_path):
         assert verify(ledger) == []
     finally:
         ledger.close()
-    # what was committed is in the file, whoever copied it there
-    reopened = SqliteLedger(tmp_path / "ledger.db")
-    try:
-        assert len(list(reopened.journal())) == 100
-        assert verify(reopened) == []
-    finally:
-        reopened.close()
+    _reopened_holds(tmp_path / "ledger.db", 100)
 
 
 def test_close_stops_the_checkpointer(tmp_path):
@@ -130,12 +135,7 @@ def test_a_failing_checkpoint_loses_nothing(tmp_path, monkeypatch):
     finally:
         ledger.close()
     monkeypatch.undo()
-    reopened = SqliteLedger(tmp_path / "ledger.db")
-    try:
-        assert len(list(reopened.journal())) == 10
-        assert verify(reopened) == []
-    finally:
-        reopened.close()
+    _reopened_holds(tmp_path / "ledger.db", 10)
 
 
 def test_the_wal_stays_near_the_backstop_under_commits_that_never_pause(tmp_path, monkeypatch):
