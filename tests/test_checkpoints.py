@@ -22,13 +22,13 @@ def _wal_frames(ledger: SqliteLedger) -> tuple[int, int]:
     return struct.unpack_from("=I", head, 16)[0], struct.unpack_from("=I", head, 96)[0]
 
 
-def _write_big(ledger: SqliteLedger) -> None:
-    """One unit of work writing more than BIG_PAGES pages."""
-    def fn(cur):
-        cur.executemany("INSERT INTO facilities (facility_id, level, designated, district, "
-                        "name, updated_at) VALUES (?, 'LEVEL_2', 1, 'd', ?, 't')",
-                        [(f"BIG{k}", "x" * 3500) for k in range(BIG_PAGES)])
-    ledger._run(fn)
+def _write_pages(ledger: SqliteLedger, pages: int, prefix: str = "BIG") -> None:
+    """One unit of work writing more than ``pages`` pages: as many facilities, each with a
+    name of most of a page."""
+    ledger._run(lambda cur: cur.executemany(
+        "INSERT INTO facilities (facility_id, level, designated, district, name, updated_at) "
+        "VALUES (?, 'LEVEL_2', 1, 'd', ?, 't')",
+        [(f"{prefix}{k}", "x" * 3500) for k in range(pages)]))
 
 
 def _reopened_holds(path, settlements: int) -> None:
@@ -61,7 +61,7 @@ def test_the_committer_leaves_checkpoints_to_the_checkpointer(tmp_path, monkeypa
     monkeypatch.setattr(SqliteLedger, "_checkpoint_loop", held)
     ledger = SqliteLedger(tmp_path / "ledger.db")
     try:
-        _write_big(ledger)
+        _write_pages(ledger, BIG_PAGES)
         frames, copied = _wal_frames(ledger)
         # SQLite's automatic checkpoint in the COMMIT would have copied them all by now
         assert frames > BIG_PAGES and copied < frames
@@ -80,7 +80,7 @@ def test_settlements_and_reads_are_unchanged_while_checkpoints_run(tmp_path):
         ledger.upsert_facility(facility("F1"))
         for k in range(20):
             ledger.upsert_member(member(f"M{k}", balance=1000))
-        _write_big(ledger)
+        _write_pages(ledger, BIG_PAGES)
         for r in range(5):
             for k in range(20):
                 ledger.settle(facility_id="F1", request_id=f"r{r}-{k}", request_hash="h",
@@ -148,10 +148,7 @@ def test_the_wal_stays_near_the_backstop_under_commits_that_never_pause(tmp_path
     ledger = SqliteLedger(tmp_path / "ledger.db")
     try:
         for k in range(120):              # 6,000 pages, one commit after another
-            ledger._run(lambda cur, k=k: cur.executemany(
-                "INSERT INTO facilities (facility_id, level, designated, district, name, "
-                "updated_at) VALUES (?, 'LEVEL_2', 1, 'd', ?, 't')",
-                [(f"U{k}-{j}", "x" * 3500) for j in range(unit_pages)]))
+            _write_pages(ledger, unit_pages, prefix=f"U{k}-")
         page = ledger._run(lambda cur: cur.execute("PRAGMA page_size").fetchone()[0], "read")
         wal_pages = (tmp_path / "ledger.db-wal").stat().st_size // (page + 24)
         # SQLite's default (1,000) or no backstop at all would leave a longer WAL
