@@ -131,6 +131,11 @@ class SqliteLedger(SqlLedger):
         try:
             self._migrate()
             self._map_wal_index()
+            # started once the database is in WAL mode (the migration's commit did that)
+            self._checkpointer = threading.Thread(
+                target=self._checkpoint_loop, daemon=True,
+                name=f"ledger-checkpoint-{os.path.basename(self.path)}")
+            self._checkpointer.start()
         except BaseException:
             self.close()
             raise
@@ -284,11 +289,6 @@ class SqliteLedger(SqlLedger):
                         unit.result, unit.ok = r, True
             self._commit(c)
             self._committed.set()
-            if self._checkpointer is None:
-                self._checkpointer = threading.Thread(
-                    target=self._checkpoint_loop, daemon=True,
-                    name=f"ledger-checkpoint-{os.path.basename(self.path)}")
-                self._checkpointer.start()
             self.groups_committed += 1
             self.units_committed += sum(u.ok for u in group)
         except BaseException as e:
